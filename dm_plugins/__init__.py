@@ -1,0 +1,21 @@
+"""dm_plugins: PTLM's capacity matching, pseudo-trajectory matching and pseudo-label matching as
+pluggy plugins for distribution-matching (DM) dataset distillation."""
+from .capacity import CapacityMatching, capacity_keep_mask
+from .context import DistillContext
+from .data import ClassIndexedData, ClassIndexedTensors
+from .errors import ExpertError, PluginError
+from .experts import Expert, ExpertPool
+from .hookspecs import hookimpl, hookspec
+from .loop import DMHost
+from .manager import PluginSet, available_plugins, parse_plugin_names
+from .pseudo_label import PseudoLabelMatching
+from .trajectory import PseudoTrajectoryMatching, injection_ratio
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapacityMatching", "PseudoTrajectoryMatching", "PseudoLabelMatching", "PluginSet",
+    "DistillContext", "DMHost", "ExpertPool", "Expert", "ClassIndexedData", "ClassIndexedTensors",
+    "PluginError", "ExpertError", "hookimpl", "hookspec", "available_plugins",
+    "parse_plugin_names", "capacity_keep_mask", "injection_ratio", "__version__",
+]

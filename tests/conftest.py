@@ -1,0 +1,64 @@
+"""Tiny networks and data shared by the tests (seconds each, offline)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dm_plugins import ClassIndexedTensors, ExpertPool
+
+
+class TinyNet(nn.Module):
+    """A two-block ConvNet in miniature (conv - instance norm - relu - avgpool) with ``embed``."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 3, width: int = 4, size: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width), nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(width, width), nn.ReLU(),
+            nn.AvgPool2d(2))
+        self.classifier = nn.Linear(width * (size // 4) ** 2, num_classes)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+def make_toy(num_classes: int = 3, per_class: int = 12, channels: int = 1, size: int = 8,
+             seed: int = 0) -> ClassIndexedTensors:
+    """Separable toy images: class c has a bright square in quadrant c, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    images = 0.3 * torch.randn(num_classes * per_class, channels, size, size, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    h = size // 2
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c % 4, 2)
+        images[i, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 2.0
+    return ClassIndexedTensors(images, labels, num_classes)
+
+
+def group_scale_augment(x, groups, generator):
+    """A Siamese test augmentation: one random scale per group id (draws depend only on G)."""
+    num_groups = int(groups.max()) + 1
+    scales = 0.5 + torch.rand(num_groups, generator=generator)
+    return x * scales.to(x)[groups].view(-1, 1, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    return make_toy()
+
+
+@pytest.fixture(scope="session")
+def tiny_factory():
+    return lambda: TinyNet(channels=1, num_classes=3, width=4, size=8)
+
+
+@pytest.fixture(scope="session")
+def pool(toy, tiny_factory):
+    return ExpertPool.train(tiny_factory, toy.images, toy.labels, num_experts=2, epochs=6,
+                            seed=0, batch_size=16, lr=0.05, progress=False,
+                            meta={"arch": "tiny", "num_classes": 3, "dataset": "toy"})
