@@ -80,6 +80,20 @@ def parse_plugin_names(spec: str | None) -> list[str]:
     return names
 
 
+def check_plugin_names(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Parse ``spec`` and check every name is available, without building anything.
+
+    Raises :class:`PluginError` (one line listing the available names) for an unknown name.
+    """
+    names = parse_plugin_names(",".join(spec) if isinstance(spec, (list, tuple)) else spec)
+    factories = available_plugins()
+    for name in names:
+        if name not in factories:
+            raise PluginError(f"unknown plugin {name!r}; available: "
+                              f"{', '.join(factories)} (or 'none')")
+    return names
+
+
 def _call_with_accepted(factory: Callable[..., Any], options: dict[str, Any]):
     """Call ``factory`` with the options its signature accepts (all of them if it has **kw)."""
     try:
@@ -130,12 +144,8 @@ class PluginSet:
         (``experts``, ``alpha``, ``lam``, ``tau``, ...). An unknown name raises
         :class:`PluginError` listing the available names.
         """
-        names = parse_plugin_names(",".join(spec) if isinstance(spec, (list, tuple)) else spec)
+        names = check_plugin_names(spec)
         factories = available_plugins()
-        unknown = [n for n in names if n not in factories]
-        if unknown:
-            raise PluginError(f"unknown plugin {unknown[0]!r}; available: "
-                              f"{', '.join(factories)} (or 'none')")
         plugins = cls()
         for name in names:
             plugins.register(_call_with_accepted(factories[name], options), name=name)

@@ -1,0 +1,41 @@
+"""DM adapter: the DM baseline runs on dm_plugins' own host.
+
+DM's loop *is* the minimal loop in :mod:`dm_plugins.loop` (plain DM when no plugin is
+registered), so this adapter only wires the harness pieces into :class:`dm_plugins.DMHost`:
+the class-indexed real data, the network factory, the DSA as Siamese augmentation (one draw per
+class for a class's real and synthetic images) and, with factorisation, the decoder. The hooks
+then sit where DM needs them: ``ptm`` supplies the extractor instead of a fresh random network,
+``cap`` filters each class's real features, ``plm``'s loss is added to the matching loss (Eq. 10).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from baselines.harness.datasets import Dataset
+from baselines.harness.dsa import DSA
+from baselines.harness.factorization import decode
+from dm_plugins import ClassIndexedTensors, DMHost, PluginSet
+
+
+def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
+                  syn_init: torch.Tensor, *, plugins: PluginSet, iterations: int,
+                  batch_real: int, lr: float, momentum: float, factor: int, seed: int,
+                  device: torch.device, dsa: bool = True) -> DMHost:
+    """A :class:`DMHost` over ``dataset.train`` (moved to ``device`` once, up front).
+
+    ``syn_init`` are the stored images (normalised, sorted by class), factorised when
+    ``factor > 1``.
+    """
+    real = dataset.train
+    if device.type != "cpu":
+        real = ClassIndexedTensors(real.images.to(device), real.labels.to(device),
+                                   real.num_classes)
+    augment = DSA(flip=not dataset.is_digit_like).siamese if dsa else None
+    return DMHost(real, network_factory, syn_init, num_iterations=iterations, plugins=plugins,
+                  augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,
+                  batch_real=batch_real, lr=lr, momentum=momentum, seed=seed, device=device,
+                  extra={"method": "dm", "dataset": dataset.name, "factor": factor})

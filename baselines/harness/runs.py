@@ -1,0 +1,125 @@
+"""Run directories: what every distillation run writes, and how it resumes.
+
+A run directory holds::
+
+    config.json      every resolved setting, versions, seed
+    checkpoint.pt    latest resumable state (atomic), every --checkpoint-every iterations
+    metrics.jsonl    one JSON object per logged iteration
+    run.log          human-readable log
+    synthetic.pt     the synthetic set (harness file format, see synset.py)
+    grid.png         image grid, one row per class
+    results.json     evaluation: accuracy_mean, accuracy_std, accuracies, arch, protocol
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .synset import atomic_torch_save, atomic_write_json, code_version
+
+
+class RunError(Exception):
+    """A run directory cannot be created or resumed (one-line message saying what to do)."""
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated on GPU, peak resident set size on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def environment() -> dict[str, Any]:
+    """Versions worth recording next to a result."""
+    import numpy
+    import pluggy
+    import torchvision
+    return {"code_version": code_version(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "pluggy": pluggy.__version__,
+            "platform": platform.platform(), "threads": torch.get_num_threads()}
+
+
+class RunDir:
+    """One run's directory. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    log_path = property(lambda self: self.path / "run.log")
+    synset_path = property(lambda self: self.path / "synthetic.pt")
+    grid_path = property(lambda self: self.path / "grid.png")
+    results_path = property(lambda self: self.path / "results.json")
+
+    @classmethod
+    def create(cls, path: str | Path, config: dict) -> "RunDir":
+        run = cls(path)
+        if run.config_path.exists():
+            raise RunError(f"run directory {run.path} already holds a run; pass --resume "
+                           f"{run.path} to continue it, or choose another --out")
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.config_path, config)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(path)
+        if not run.config_path.is_file():
+            raise RunError(f"{run.path} is not a run directory (no config.json); pass the --out "
+                           f"directory of an earlier run")
+        return run
+
+    def read_config(self) -> dict:
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{self.config_path} is unreadable ({exc}); start a new run") from None
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log_path, "a") as f:
+            f.write(f"{stamp} {message}\n")
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, before_iteration: int) -> None:
+        """Drop records of iterations >= ``before_iteration`` (they are redone after resume)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", -1) < before_iteration]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def save_checkpoint(self, state: dict) -> None:
+        atomic_torch_save(self.checkpoint_path, state)
+
+    def load_checkpoint(self) -> dict | None:
+        """The saved state, None when the run has no checkpoint yet."""
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise RunError(f"checkpoint {self.checkpoint_path} is unreadable (truncated or "
+                           f"corrupt? {type(exc).__name__}); delete it to restart the run from "
+                           f"the beginning") from None
+        if not isinstance(state, dict) or "host" not in state:
+            raise RunError(f"checkpoint {self.checkpoint_path} is not a dm_plugins checkpoint; "
+                           f"delete it to restart the run")
+        return state
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.results_path, results)
