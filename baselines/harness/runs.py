@@ -43,7 +43,7 @@ def environment() -> dict[str, Any]:
     import pluggy
     import torchvision
     return {"code_version": code_version(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": numpy.__version__, "pluggy": pluggy.__version__,
             "platform": platform.platform(), "threads": torch.get_num_threads()}
 

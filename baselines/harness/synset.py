@@ -155,8 +155,13 @@ def code_version() -> str:
 
 def _plain(value: Any, where: str) -> Any:
     """Convert metadata to plain Python types loadable with ``weights_only=True``."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    # subclasses (torch.__version__ is a str subclass, IntEnum an int) are not loadable with
+    # weights_only=True: store the plain value
+    for plain in (bool, int, float, str):
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():

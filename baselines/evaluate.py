@@ -1,0 +1,167 @@
+"""Evaluate a synthetic set: train fresh networks on it, test on the real test set.
+
+Usage (from the repo root)::
+
+    python baselines/evaluate.py runs/x/synthetic.pt --arch convnet,resnet10,densenet121 --runs 5
+
+Loads the set (pixel space), normalises it with the set's own mean/std, decodes factorised sets
+(IDC multi-formation, ``meta["factor"] > 1``), evaluates each architecture with the protocol of
+DESIGN.md 2.10 (final-epoch accuracy, never a checkpoint picked by test accuracy), prints a table
+and writes ``evaluation.json`` next to the set (results of other architectures already in that
+file are kept; an architecture evaluated again is replaced). Errors print one line on stderr and
+exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import baselines.harness  # noqa: F401
+except ImportError:  # run as a script from a checkout: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from baselines.harness.dsa import DSA  # noqa: E402
+from baselines.harness.evaluation import PROTOCOLS, evaluate_synset  # noqa: E402
+from baselines.harness.factorization import decode  # noqa: E402
+from baselines.harness.synset import (SynSetError, atomic_write_json, code_version,  # noqa: E402
+                                      load_synset)
+
+
+class CLIError(Exception):
+    """A user error reported as one line (exit status 2)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate a synthetic set (final-epoch test accuracy, mean ± population std "
+                    "over runs); writes evaluation.json next to the set.")
+    p.add_argument("synset", help="path to the synthetic-set file (e.g. RUN/synthetic.pt)")
+    p.add_argument("--arch", default="convnet",
+                   help="comma-separated architectures: convnet, resnet10, resnet18, densenet121, "
+                        "convnetdN (default: convnet)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="independent training runs per architecture (default: 5)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs per run (default: the protocol's, 1000)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="dm",
+                   help="dm = SGD + DSA; dance = dm + CutMix p 0.5 (default: dm)")
+    p.add_argument("--data-path", default=None,
+                   help="dataset root directory (default: the dataset loader's default)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="device to train on; auto = cuda if available (default: auto)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="evaluation seed; run i is seeded from (seed, i) (default: 0)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the per-run progress bars (default: shown)")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    return args
+
+
+def _channel_stats(value, channels: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels)
+    if t.numel() != channels:
+        raise CLIError(f"meta[{name!r}] has {t.numel()} entries for {channels}-channel images")
+    return t.view(1, channels, 1, 1)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _read_existing(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old.get("results", {}) if isinstance(old, dict) and isinstance(
+        old.get("results"), dict) else {}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from baselines.harness.datasets import DatasetError, load_dataset
+    from baselines.harness.networks import get_network
+
+    try:
+        synset = load_synset(args.synset)
+        meta = synset.meta
+        ds = load_dataset(meta["dataset"], args.data_path)
+        _, c, h, w = synset.images.shape
+        if c != ds.channels or h != ds.image_size or w != ds.image_size:
+            raise CLIError(f"{args.synset}: images are {c}x{h}x{w} but dataset "
+                           f"{meta['dataset']!r} is {ds.channels}x{ds.image_size}x{ds.image_size}")
+        archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+        if not archs:
+            raise CLIError("--arch is empty")
+        for arch in archs:  # fail before any training if a name is wrong
+            try:
+                get_network(arch, ds.channels, ds.num_classes, ds.image_size)
+            except ValueError as err:
+                raise CLIError(str(err)) from None
+        device = _device(args.device)
+    except (SynSetError, DatasetError, CLIError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    mean = _channel_stats(meta["mean"], c, "mean")
+    std = _channel_stats(meta["std"], c, "std")
+    if not (torch.allclose(mean.flatten(), torch.tensor(ds.mean, dtype=torch.float32), atol=1e-4)
+            and torch.allclose(std.flatten(), torch.tensor(ds.std, dtype=torch.float32),
+                               atol=1e-4)):
+        print(f"warning: the set's mean/std {meta['mean']}/{meta['std']} differ from the test "
+              f"set's {list(ds.mean)}/{list(ds.std)}; each is normalised with its own",
+              file=sys.stderr)
+    images = (synset.images - mean) / std
+    factor = int(meta.get("factor") or 1)
+    images, labels = decode(images, synset.labels, factor)
+    augment = DSA(flip=not ds.is_digit_like)
+
+    results = {}
+    for arch in archs:
+        res = evaluate_synset(images, labels, ds.test.images, ds.test.labels, arch,
+                              runs=args.runs, protocol=args.protocol, epochs=args.epochs,
+                              seed=args.seed, device=device, augment=augment,
+                              progress=not args.no_progress, num_classes=ds.num_classes)
+        res["seed"] = args.seed
+        results[arch] = res
+
+    width = max(len("arch"), *(len(a) for a in archs))
+    print(f"{'arch':<{width}} | {'accuracy (%)':>15} | runs")
+    print(f"{'-' * width}-+-{'-' * 15}-+-----")
+    for arch, r in results.items():
+        print(f"{arch:<{width}} | {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:5.2f} | {r['runs']}")
+
+    out_path = Path(args.synset).resolve().parent / "evaluation.json"
+    merged = {**_read_existing(out_path), **results}
+    atomic_write_json(out_path, {
+        "synset": str(Path(args.synset).resolve()),
+        "dataset": meta["dataset"], "method": meta.get("method"),
+        "plugins": meta.get("plugins"), "ipc": meta.get("ipc"), "factor": factor,
+        "synset_seed": meta.get("seed"), "synset_code_version": meta.get("code_version"),
+        "eval_code_version": code_version(),
+        "images_evaluated": int(images.shape[0]),
+        "note": "final-epoch test accuracy in percent; std is the population std (ddof=0)",
+        "results": merged,
+    })
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

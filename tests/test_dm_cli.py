@@ -1,0 +1,156 @@
+"""baselines/dm.py end to end on the embedded digits set, with tiny settings."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from baselines import dm
+from baselines.harness.synset import load_synset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ipc", "1", "--iterations", "3", "--batch-real", "8", "--eval-runs", "1",
+        "--eval-epochs", "2", "--num-experts", "2", "--expert-epochs", "1",
+        "--checkpoint-every", "2", "--log-every", "1", "--no-progress", "--device", "cpu"]
+SUBSETS = [",".join(c) or "none" for r in range(4)
+           for c in itertools.combinations(["cap", "ptm", "plm"], r)]
+
+
+@pytest.fixture(scope="module")
+def expert_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("experts")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(expert_cache, monkeypatch):
+    monkeypatch.setenv("DM_PLUGINS_EXPERTS", str(expert_cache))
+
+
+@pytest.mark.parametrize("spec", SUBSETS)
+def test_every_plugin_subset_runs_and_writes_a_run_directory(spec, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert dm.main(TINY + ["--plugins", spec, "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "synthetic.pt", "grid.png", "metrics.jsonl", "results.json",
+            "run.log", "checkpoint.pt"} <= names
+    config = json.loads((out / "config.json").read_text())
+    plugins = [] if spec == "none" else spec.split(",")
+    assert config["plugins"] == plugins and config["seed"] == 0
+    assert config["factor"] == (2 if plugins else 1)
+    assert "torch" in config["environment"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert {"loss", "loss_match", "seconds", "peak_memory_mb"} <= set(r)
+        assert ("loss_plm" in r) == ("plm" in plugins)
+    results = json.loads((out / "results.json").read_text())
+    assert {"accuracy_mean", "accuracy_std", "accuracies", "arch", "protocol"} <= set(results)
+    assert 0 <= results["accuracy_mean"] <= 100
+    synset = load_synset(out / "synthetic.pt")
+    assert synset.images.shape == (10, 1, 32, 32)
+    assert synset.meta["plugins"] == plugins and synset.meta["method"] == "dm"
+    assert "evaluation convnet" in capsys.readouterr().out
+
+
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+    args = TINY + ["--iterations", "4", "--plugins", "cap,plm", "--eval-runs", "0"]
+    assert dm.main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    from dm_plugins import DMHost
+    real_step = DMHost.step
+
+    def interrupted(self, t=None):
+        if (self.iteration if t is None else t) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, t)
+
+    monkeypatch.setattr(DMHost, "step", interrupted)
+    assert dm.main(args + ["--out", str(tmp_path / "cut")]) == 130
+    assert not (tmp_path / "cut" / "synthetic.pt").exists()
+    monkeypatch.setattr(DMHost, "step", real_step)
+    assert dm.main(["--resume", str(tmp_path / "cut"), "--no-progress", "--device", "cpu"]) == 0
+    a = load_synset(tmp_path / "straight" / "synthetic.pt").images
+    b = load_synset(tmp_path / "cut" / "synthetic.pt").images
+    assert torch.equal(a, b)
+    log = (tmp_path / "cut" / "run.log").read_text()
+    assert "resumed at iteration 2 of 4" in log
+    iterations = [json.loads(line)["iteration"]
+                  for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [0, 1, 2, 3]
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert dm.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_plugins_value(capsys, tmp_path):
+    _one_line_error(capsys, TINY + ["--plugins", "cap,bogus", "--out", str(tmp_path / "r")],
+                    "unknown plugin 'bogus'", "cap, plm, ptm")
+    assert not (tmp_path / "r").exists()
+
+
+def test_ipc_larger_than_a_class(capsys, tmp_path):
+    _one_line_error(capsys, TINY + ["--ipc", "500", "--out", str(tmp_path / "r")],
+                    "--ipc 500", "only")
+
+
+def test_missing_data_path(capsys, tmp_path):
+    _one_line_error(capsys, TINY + ["--dataset", f"imagefolder:{tmp_path / 'nowhere'}",
+                                    "--out", str(tmp_path / "r")], "nowhere")
+
+
+def test_existing_run_directory_and_corrupt_checkpoint(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert dm.main(TINY + ["--eval-runs", "0", "--out", str(out)]) == 0
+    _one_line_error(capsys, TINY + ["--out", str(out)], "--resume")
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:50])
+    _one_line_error(capsys, ["--resume", str(out), "--no-progress"], "checkpoint", "corrupt")
+
+
+def test_expert_cache_for_another_architecture_is_an_error(capsys, tmp_path):
+    experts = tmp_path / "experts"
+    assert dm.main(TINY + ["--plugins", "ptm", "--eval-runs", "0", "--experts", str(experts),
+                           "--out", str(tmp_path / "a")]) == 0
+    _one_line_error(capsys, TINY + ["--plugins", "ptm", "--arch", "convnetd2", "--experts",
+                                    str(experts), "--out", str(tmp_path / "b")], "arch")
+
+
+def test_plain_dm_adapter_equals_naive_per_class_dm():
+    from adapters.dm import build_dm_host
+    from baselines.harness.common import initial_synthetic
+    from baselines.harness.datasets import load_dataset
+    from baselines.harness.networks import get_network
+    from dm_plugins import PluginSet
+    from dm_plugins.reference import naive_dm_loss
+
+    data = load_dataset("digits")
+    factory = lambda: get_network("convnet", 1, 10, 32, width=16)
+    syn = initial_synthetic(data, 2, 1, "real", seed=0)
+    host = build_dm_host(data, factory, syn, plugins=PluginSet(), iterations=5, batch_real=6,
+                         lr=1.0, momentum=0.5, factor=1, seed=0, device=torch.device("cpu"),
+                         dsa=False)
+    loss, _ = host.compute_loss(2)
+    loss.backward()
+    real, labels = host.real_batch(2)
+    ref_syn = host.syn.detach().clone().requires_grad_(True)
+    ref = naive_dm_loss(host.extractor, [real[labels == c] for c in range(10)],
+                        [ref_syn[2 * c:2 * c + 2] for c in range(10)])
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(host.syn.grad, ref_syn.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_runs_as_a_script_from_the_repository_root():
+    out = subprocess.run([sys.executable, "baselines/dm.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--plugins", "--resume", "--checkpoint-every", "[embedded]"):
+        assert flag in out.stdout
