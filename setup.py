@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dm_plugins", "dm_plugins.*", "adapters", "adapters.*",
-                                    "baselines", "baselines.*", "benchmarks", "benchmarks.*"]),
+                                    "baselines", "baselines.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1,<3",

@@ -24,7 +24,8 @@ from dm_plugins import ClassIndexedTensors, DMHost, PluginSet
 def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   syn_init: torch.Tensor, *, plugins: PluginSet, iterations: int,
                   batch_real: int, lr: float, momentum: float, factor: int, seed: int,
-                  device: torch.device, dsa: bool = True) -> DMHost:
+                  device: torch.device, dsa: bool = True, channels_last: bool = False,
+                  compile_real: bool = False) -> DMHost:
     """A :class:`DMHost` over ``dataset.train`` (moved to ``device`` once, up front).
 
     ``syn_init`` are the stored images (normalised, sorted by class), factorised when
@@ -38,4 +39,4 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
     return DMHost(real, network_factory, syn_init, num_iterations=iterations, plugins=plugins,
                   augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,
                   batch_real=batch_real, lr=lr, momentum=momentum, seed=seed, device=device,
-                  extra={"method": "dm", "dataset": dataset.name, "factor": factor})
+                  channels_last=channels_last, compile_real=compile_real, extra={"method": "dm", "dataset": dataset.name, "factor": factor})

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-arch", default="convnet", help="comma list: convnet, resnet10, resnet18, densenet121")
     a("--eval-protocol", choices=["dm", "dance"], default="dm",
       help="dm: DSA; dance: DSA + CutMix (p 0.5)")
+    a("--channels-last", choices=["auto", "on", "off"], default="auto",
+      help="channels-last memory format for the networks; auto = on for CPU (measured faster, "
+           "see README benchmarks), off for CUDA")
+    a("--compile", action="store_true",
+      help="torch.compile the real-image forward (one-off compile time, faster iterations)")
     a("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     a("--log-every", type=int, default=10, help="iterations between metrics.jsonl records")
     a("--no-progress", action="store_true", help="no progress bars")
@@ -117,7 +122,8 @@ def resolve_config(args: argparse.Namespace, dataset) -> dict:
         "eval_runs": pick(args.eval_runs, DM_EVAL_RUNS, EMBEDDED_EVAL_RUNS),
         "eval_epochs": pick(args.eval_epochs, DM_EVAL_EPOCHS, EMBEDDED_EVAL_EPOCHS),
         "eval_arch": [s.strip() for s in args.eval_arch.split(",") if s.strip()],
-        "eval_protocol": args.eval_protocol, "checkpoint_every": args.checkpoint_every,
+        "eval_protocol": args.eval_protocol, "channels_last": args.channels_last,
+        "compile": args.compile, "checkpoint_every": args.checkpoint_every,
         "log_every": args.log_every,
     }
 
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
                          iterations=config["iterations"], batch_real=config["batch_real"],
                          lr=config["lr_img"], momentum=config["momentum"],
                          factor=config["factor"], seed=config["seed"], device=device,
-                         dsa=config["dsa"])
+                         dsa=config["dsa"], compile_real=config["compile"],
+                         channels_last=use_channels_last(config["channels_last"], device))
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         host.load_state_dict(checkpoint["host"])
@@ -224,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
+
+
+def use_channels_last(choice: str, device: torch.device) -> bool:
+    return choice == "on" or (choice == "auto" and device.type == "cpu")
 
 
 def _logger(run_dir):

@@ -92,7 +92,7 @@ class ExpertPool:
         self.seed = int(seed)
         self.meta = dict(meta or {})
         self._param_cache: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._network_cache: dict[tuple[int, str], nn.Module] = {}
+        self._network_cache: dict[tuple[int, str, str], nn.Module] = {}
         self._check_states_fit(network_factory())
 
     def __len__(self) -> int:
@@ -120,16 +120,18 @@ class ExpertPool:
             self._param_cache[key] = (init, star)
         return self._param_cache[key]
 
-    def trained_network(self, index: int, device: str | torch.device = "cpu") -> nn.Module:
+    def trained_network(self, index: int, device: str | torch.device = "cpu",
+                        memory_format: torch.memory_format = torch.contiguous_format
+                        ) -> nn.Module:
         """Expert ``index`` with its trained weights, frozen (eval mode, no parameter grads).
 
-        Built once per (expert, device) and kept in memory.
+        Built once per (expert, device, memory format) and kept in memory.
         """
-        key = (index, str(torch.device(device)))
+        key = (index, str(torch.device(device)), str(memory_format))
         if key not in self._network_cache:
             net = self.network_factory()
             net.load_state_dict(self.experts[index].trained_state)
-            net.to(device).eval().requires_grad_(False)
+            net.to(device, memory_format=memory_format).eval().requires_grad_(False)
             self._network_cache[key] = net
         return self._network_cache[key]
 

@@ -64,13 +64,21 @@ class DMHost:
         lr, momentum: the image optimiser (DM: SGD lr 1.0, momentum 0.5).
         seed: every random draw of iteration t derives from (seed, t), so a resumed run equals
             an uninterrupted one.
+        channels_last: run the extractor in channels-last memory format (faster convolutions
+            and pooling on CPU; same numbers up to float rounding, tested).
+        compile_real: ``torch.compile`` the real-image forward (no graph; the largest cost of
+            an iteration). Pays a one-off compile time; same numbers up to float rounding.
+        real_chunk: the real forward runs in chunks of at most this many images, so memory
+            stays bounded with many classes (CIFAR-100: 25,600 real images an iteration).
+            Chunking does not change the result.
     """
 
     def __init__(self, real: ClassIndexedData, network_factory: Callable[[], nn.Module],
                  syn_init: torch.Tensor, *, num_iterations: int, plugins: PluginSet | None = None,
                  augment: Augment | None = None, decode: Decode | None = None,
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
-                 device: str | torch.device = "cpu", extra: dict | None = None):
+                 device: str | torch.device = "cpu", channels_last: bool = False,
+                 compile_real: bool = False, real_chunk: int = 2560, extra: dict | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
         if syn_init.shape[0] % self.num_classes:
@@ -88,7 +96,12 @@ class DMHost:
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
         self.syn_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.extractor = network_factory().to(self.device).train().requires_grad_(False)
+        self.extractor.to(memory_format=self.memory_format)
+        self.extra.setdefault("memory_format", "channels_last" if channels_last else "contiguous")
+        self._embed_real = torch.compile(self.extractor.embed) if compile_real else self.extractor.embed
+        self.real_chunk = int(real_chunk)
         self.iteration = 0
         self._set_up = False
 
@@ -115,16 +128,18 @@ class DMHost:
         return self.decode(self.syn, self.syn_labels)
 
     def _augment(self, x: torch.Tensor, groups: torch.Tensor, t: int) -> torch.Tensor:
-        if self.augment is None:
-            return x
-        return self.augment(x, groups, make_generator(self.seed, _AUG_STREAM, t))
+        if self.augment is not None:
+            x = self.augment(x, groups, make_generator(self.seed, _AUG_STREAM, t))
+        return x.contiguous(memory_format=self.memory_format)
 
     def compute_loss(self, t: int) -> tuple[torch.Tensor, dict]:
         """Build iteration t's total loss (matching + auxiliary) and its metrics; no step."""
         net = self.prepare_extractor(t)
         real, real_labels = self.real_batch(t)
         with torch.no_grad():
-            real_features = net.embed(self._augment(real, real_labels, t))
+            real_aug = self._augment(real, real_labels, t)
+            real_features = torch.cat([self._embed_real(chunk)
+                                       for chunk in real_aug.split(self.real_chunk)])
         syn, syn_labels = self.synthetic_batch()
         syn_aug = self._augment(syn, syn_labels, t)
         syn_features = net.embed(syn_aug)

@@ -99,10 +99,13 @@ class PseudoLabelMatching:
         self.tau = float(tau)
         self.max_real_per_class = int(max_real_per_class)
         self.targets: torch.Tensor | None = None  # (num_experts, K, K)
+        self.memory_format = torch.contiguous_format
 
     @hookimpl
     def dm_setup(self, context):
         device = torch.device(context.device)
+        if context.extra.get("memory_format") == "channels_last":  # follow the host's layout
+            self.memory_format = torch.channels_last
         rows = []
         for k in range(len(self.experts)):
             network = self.experts.trained_network(k, device)
@@ -120,7 +123,7 @@ class PseudoLabelMatching:
         if self.targets is None:
             raise RuntimeError("PseudoLabelMatching.dm_setup was not called")
         k = self.experts.pick(iteration)
-        network = self.experts.trained_network(k, syn_images.device)
+        network = self.experts.trained_network(k, syn_images.device, self.memory_format)
         targets = self.targets[k].to(syn_images.device)
         return pseudo_label_loss(network(syn_images), syn_labels, targets)
 

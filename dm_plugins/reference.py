@@ -32,3 +32,38 @@ def naive_dm_loss(network: nn.Module, real_batches: Sequence[torch.Tensor],
         out_syn = network.embed(syn)
         loss = loss + torch.sum((out_real.mean(dim=0) - out_syn.mean(dim=0)) ** 2)
     return loss
+
+
+def naive_dm_iteration(real, network_factory: Callable[[], nn.Module], syn: torch.Tensor,
+                       optimizer: torch.optim.Optimizer, *, ipc: int, batch_real: int,
+                       augment: Callable | None, seed: int, iteration: int,
+                       device: str | torch.device = "cpu") -> float:
+    """One iteration of the original DM code: a new random network, then for each class a fresh
+    augmentation draw applied to the class's real batch and synthetic images in two calls, a
+    forward of the real batch, a forward of the synthetic images; one backward and one step.
+
+    Args:
+        real: class-indexed real data.
+        syn: stored synthetic images (leaf tensor optimised by ``optimizer``), sorted by class.
+        augment: Siamese ``augment(x, groups, generator)`` called with ``groups=None``.
+    Returns:
+        The loss value.
+    """
+    from .seeding import derive_seed, make_generator
+
+    net = network_factory().to(device)
+    net.train()
+    for p in net.parameters():
+        p.requires_grad = False
+    g = make_generator(seed, 0x5E, iteration)
+    real_batches = [real.sample(c, batch_real, g).to(device) for c in range(real.num_classes)]
+    syn_batches = [syn[c * ipc:(c + 1) * ipc] for c in range(real.num_classes)]
+    per_class = None
+    if augment is not None:
+        def per_class(x, c):
+            return augment(x, None, make_generator(derive_seed(seed, iteration, c)))
+    loss = naive_dm_loss(net, real_batches, syn_batches, per_class)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

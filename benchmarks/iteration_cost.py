@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Per-iteration cost of distillation: seconds per iteration and peak memory (paper Table 6).
+
+In one process, on the same data and seed, times the steady state of one distillation iteration
+(warm-up excluded, median over repeats) for:
+
+- ``naive``:      per-class DM as the original code does it (new network, per-class DSA,
+                  per-class forwards), :func:`dm_plugins.reference.naive_dm_iteration`;
+- ``host-nchw``:  our batched DM host, default memory format, no plugins;
+- ``host``:       our DM host with this machine's fast settings (channels-last; ``--compile``
+                  adds torch.compile of the real forward), no plugins;
+- ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm.
+
+Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
+reset before each variant through /proc/self/clear_refs (Linux), so each number is that
+variant's own peak (it includes the process baseline: Python, torch, the data).
+
+It prints a table and writes JSON. It measures; it asserts nothing about speed. The headline is
+the ratio of each variant to ``naive``, and ``all`` to ``host``.
+
+Experts: by default random networks stand in for trained experts (two random weight sets per
+expert); the cost of PTM and PLM does not depend on how well an expert was trained. Pass
+``--experts DIR`` to use a trained pool.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all")
+PLUGINS = {"naive": None, "host-nchw": "none", "host": "none", "cap": "cap", "ptm": "ptm",
+           "plm": "plm", "all": "cap,ptm,plm"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="synthetic",
+                   help="'synthetic' (random CIFAR-10-sized tensors, offline) or a harness "
+                        "dataset name such as imagefolder:PATH")
+    p.add_argument("--data-path", default="data")
+    p.add_argument("--ipc", default="1,10,50", help="comma list of IPC values")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--batch-real", type=int, default=256)
+    p.add_argument("--factor", type=int, default=1)
+    p.add_argument("--arch", default="convnet")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--num-experts", type=int, default=5)
+    p.add_argument("--experts", default=None, help="a trained expert directory (optional)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the real forward in host variants")
+    p.add_argument("--no-dsa", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/iteration_cost-<device>.json)")
+    p.add_argument("--synthetic-size", type=int, default=32, help="image size of the synthetic data")
+    p.add_argument("--synthetic-per-class", type=int, default=300)
+    return p
+
+
+def load_data(args):
+    from baselines.harness.datasets import Dataset, load_dataset
+    from dm_plugins import ClassIndexedTensors
+    if args.dataset != "synthetic":
+        return load_dataset(args.dataset, args.data_path)
+    g = torch.Generator().manual_seed(args.seed)
+    n, s = args.synthetic_per_class, args.synthetic_size
+    images = torch.randn(10 * n, 3, s, s, generator=g)
+    labels = torch.arange(10).repeat_interleave(n)
+    split = ClassIndexedTensors(images, labels, 10)
+    return Dataset("synthetic", split, split, (0.0,) * 3, (1.0,) * 3, [str(i) for i in range(10)])
+
+
+def random_experts(factory, num, seed):
+    from dm_plugins import Expert, ExpertPool
+    experts = []
+    for k in range(num):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + 2 * k)
+            init = {n: v.clone() for n, v in factory().state_dict().items()}
+            torch.manual_seed(seed * 1000 + 2 * k + 1)
+            star = {n: v.clone() for n, v in factory().state_dict().items()}
+        experts.append(Expert(init, star, {"note": "random stand-in"}))
+    return ExpertPool(experts, factory, seed=seed)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    from baselines.harness.runs import peak_memory_mb as fallback
+    return fallback(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(variant, data, factory, experts, ipc, args, device):
+    """Median seconds per iteration and peak memory of one variant."""
+    from adapters.dm import build_dm_host
+    from baselines.harness.common import initial_synthetic
+    from baselines.harness.dsa import DSA
+    from dm_plugins import PluginSet
+    from dm_plugins.reference import naive_dm_iteration
+
+    syn_init = initial_synthetic(data, ipc, args.factor, "real", args.seed)
+    total = args.warmup + args.repeats
+    reset_peak_memory(device)
+    times = []
+    if variant == "naive":
+        syn = syn_init.clone().to(device).requires_grad_(True)
+        opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
+        augment = None if args.no_dsa else DSA(flip=not data.is_digit_like).siamese
+        real = data.train
+        for t in range(total):
+            sync(device)
+            start = time.perf_counter()
+            naive_dm_iteration(real, factory, syn, opt, ipc=ipc, batch_real=args.batch_real,
+                               augment=augment, seed=args.seed, iteration=t, device=device)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    else:
+        plugins = PluginSet.from_names(PLUGINS[variant], experts=experts)
+        host = build_dm_host(data, factory, syn_init, plugins=plugins, iterations=total,
+                             batch_real=args.batch_real, lr=1.0, momentum=0.5,
+                             factor=args.factor, seed=args.seed, device=device,
+                             dsa=not args.no_dsa, channels_last=variant != "host-nchw",
+                             compile_real=args.compile and variant != "host-nchw")
+        host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
+        for t in range(total):
+            sync(device)
+            start = time.perf_counter()
+            host.step(t)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        host.close()
+    steady = times[args.warmup:]
+    return {"seconds_median": statistics.median(steady), "seconds_min": min(steady),
+            "seconds_all": steady, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from baselines.harness.common import resolve_device
+    from baselines.harness.networks import get_network
+    from dm_plugins import ExpertPool
+
+    device = resolve_device(args.device)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        return 2
+    ipcs = [int(v) for v in args.ipc.split(",")]
+    data = load_data(args)
+
+    def factory():
+        return get_network(args.arch, data.channels, data.num_classes, data.image_size)
+
+    experts = (ExpertPool.load(args.experts, factory, seed=args.seed) if args.experts
+               else random_experts(factory, args.num_experts, args.seed))
+    rows = []
+    for ipc in ipcs:
+        for variant in variants:
+            res = time_variant(variant, data, factory, experts, ipc, args, device)
+            res.update({"variant": variant, "ipc": ipc})
+            rows.append(res)
+            print(f"  ipc {ipc:>3} {variant:<10} {res['seconds_median']:.3f} s/iter "
+                  f"(min {res['seconds_min']:.3f}), peak {res['peak_memory_mb']:.0f} MiB",
+                  flush=True)
+    for row in rows:
+        base = {r["variant"]: r["seconds_median"] for r in rows if r["ipc"] == row["ipc"]}
+        row["ratio_to_naive"] = row["seconds_median"] / base["naive"] if "naive" in base else None
+        row["ratio_to_host"] = row["seconds_median"] / base["host"] if "host" in base else None
+
+    print()
+    print(f"dataset {data.name}, batch_real {args.batch_real}, factor {args.factor}, "
+          f"DSA {'off' if args.no_dsa else 'on'}, device {device}, threads "
+          f"{torch.get_num_threads()}, compile {args.compile}, median of {args.repeats} "
+          f"after {args.warmup} warm-up")
+    print(f"| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) |")
+    print(f"|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"
+        print(f"| {r['ipc']} | {r['variant']} | {r['seconds_median']:.3f} | "
+              f"{fmt(r['ratio_to_naive'])} | {fmt(r['ratio_to_host'])} | "
+              f"{r['peak_memory_mb']:.0f} |")
+    out = args.json or os.path.join("benchmarks", "results", f"iteration_cost-{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    from baselines.harness.runs import environment
+    from baselines.harness.synset import atomic_write_json
+    cpu = platform.processor() or platform.machine()
+    atomic_write_json(out, {"settings": vars(args), "device": str(device), "cpu": cpu,
+                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                            "environment": environment(), "rows": rows})
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
