@@ -25,7 +25,6 @@ expert); the cost of PTM and PLM does not depend on how well an expert was train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -209,8 +208,8 @@ def main(argv=None) -> int:
           f"DSA {'off' if args.no_dsa else 'on'}, device {device}, threads "
           f"{torch.get_num_threads()}, compile {args.compile}, median of {args.repeats} "
           f"after {args.warmup} warm-up")
-    print(f"| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) |")
-    print(f"|---:|---|---:|---:|---:|---:|")
+    print("| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         print(f"| {r['ipc']} | {r['variant']} | {r['seconds_median']:.3f} | "

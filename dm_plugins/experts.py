@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save, atomic_write_json
 from .errors import ExpertError
 from .seeding import derive_seed, make_generator
 from .training import accuracy, train_classifier
@@ -42,34 +42,6 @@ class Expert:
 
 def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ExpertPool:
@@ -168,12 +140,12 @@ class ExpertPool:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for k, e in enumerate(self.experts):
-            _atomic_torch_save({"format": FORMAT, "init": e.init_state,
-                                "trained": e.trained_state, "meta": e.meta},
-                               directory / f"expert_{k}.pt")
+            atomic_torch_save(directory / f"expert_{k}.pt",
+                              {"format": FORMAT, "init": e.init_state,
+                               "trained": e.trained_state, "meta": e.meta})
         manifest = {"format": FORMAT, "version": 1, "num_experts": len(self), "seed": self.seed,
                     "meta": self.meta, "experts": [e.meta for e in self.experts]}
-        _atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True), directory / MANIFEST)
+        atomic_write_json(directory / MANIFEST, manifest)
         return directory
 
     @classmethod

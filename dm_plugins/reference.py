@@ -58,11 +58,9 @@ def naive_dm_iteration(real, network_factory: Callable[[], nn.Module], syn: torc
     g = make_generator(seed, 0x5E, iteration)
     real_batches = [real.sample(c, batch_real, g).to(device) for c in range(real.num_classes)]
     syn_batches = [syn[c * ipc:(c + 1) * ipc] for c in range(real.num_classes)]
-    per_class = None
-    if augment is not None:
-        def per_class(x, c):
-            return augment(x, None, make_generator(derive_seed(seed, iteration, c)))
-    loss = naive_dm_loss(net, real_batches, syn_batches, per_class)
+    def per_class(x, c):
+        return augment(x, None, make_generator(derive_seed(seed, iteration, c)))
+    loss = naive_dm_loss(net, real_batches, syn_batches, per_class if augment else None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dm_plugins import DMHost, PluginSet
-from tests.conftest import TinyNet, group_scale_augment
+from tests.conftest import group_scale_augment
 
 
 def _loss_and_grad(toy, factory, pool, spec, **options):

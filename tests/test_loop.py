@@ -4,7 +4,7 @@ import torch
 
 from dm_plugins import DMHost, PluginSet
 from dm_plugins.reference import naive_dm_loss
-from tests.conftest import TinyNet, group_scale_augment, make_toy
+from tests.conftest import group_scale_augment
 
 
 def _syn_init(toy, ipc, seed=1):

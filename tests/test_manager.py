@@ -79,8 +79,10 @@ def test_third_party_plugin_through_entry_point(tmp_path, monkeypatch):
     assert plugins.names == ["keepfirst", "cap"]
     assert type(plugins.plugins()[0]).__name__ == "KeepFirst"
     plugins.setup(num_classes=1, ipc=1, num_iterations=4, extractor=None, real=None)
-    mask = plugins.keep_mask(0, torch.randn(5, 3), torch.randn(1, 3), 0)
-    assert mask[:2].all() and not mask[2:].any()
+    real = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.5, 0.5]])
+    # cap at t=0 (typical mode) keeps s > s_min: all but row 3; keepfirst keeps rows 0-1
+    mask = plugins.keep_mask(0, real, torch.tensor([[1.0, 0.0]]), 0)
+    assert mask.tolist() == [True, True, False, False, False]
 
 
 def _counting(cls, method, calls, key):

@@ -20,9 +20,9 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from dm_plugins.training import accuracy, train_classifier
 
 from .dsa import DSA
 
@@ -63,41 +63,6 @@ def _resolve_protocol(protocol: Union[str, EvalProtocol], epochs: Optional[int])
     return protocol
 
 
-def _loss(logits: Tensor, targets: Tensor) -> Tensor:
-    # cross_entropy accepts class indices (long, (B,)) or probabilities (float, (B, K)).
-    return F.cross_entropy(logits, targets)
-
-
-def _cutmix(x: Tensor, generator: torch.Generator):
-    """CutMix (Yun et al. 2019) as in IDC: lambda ~ Beta(1, 1) = U(0, 1), box of side ratio
-    sqrt(1 - lambda) centred uniformly, clipped. Returns (mixed x, permutation, weight of the
-    original targets = 1 - box area / image area)."""
-    n, _, h, w = x.shape
-    lam = float(torch.rand(1, generator=generator))
-    perm = torch.randperm(n, generator=generator).to(x.device)
-    cut = (1.0 - lam) ** 0.5
-    ch, cw = int(h * cut), int(w * cut)
-    cy = int(torch.randint(h, (1,), generator=generator))
-    cx = int(torch.randint(w, (1,), generator=generator))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    x = x.clone()
-    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    keep = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
-    return x, perm, keep
-
-
-@torch.no_grad()
-def _test(net: nn.Module, images: Tensor, labels: Tensor, device, batch: int = 1000) -> float:
-    net.eval()
-    correct = 0
-    for i in range(0, images.shape[0], batch):
-        x = images[i:i + batch].to(device, torch.float32)
-        y = labels[i:i + batch].to(device)
-        correct += int((net(x).argmax(1) == y).sum())
-    return 100.0 * correct / max(images.shape[0], 1)
-
-
 def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, labels: Tensor,
                    test_images: Tensor, test_labels: Tensor, protocol: Union[str, EvalProtocol],
                    generator: torch.Generator, device: Union[str, torch.device] = "cpu",
@@ -122,44 +87,18 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
     Testing: eval mode, no grad, batches of 1000; accuracy of the last epoch's weights.
     """
     protocol = _resolve_protocol(protocol, None)
-    device = torch.device(device)
     if protocol.dsa and augment is None:
         augment = DSA()
-    net = network_factory().to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=protocol.lr, momentum=protocol.momentum,
-                          weight_decay=protocol.weight_decay)
-    x_all = images.detach().to(device, torch.float32)
-    y_all = labels.detach().to(device)
-    if y_all.is_floating_point():
-        y_all = y_all.float()
-    n = x_all.shape[0]
+    net = network_factory()
     drop_epoch = int(protocol.lr_drop_at * protocol.epochs)
-    bar = tqdm(range(protocol.epochs), desc=desc or protocol.name, disable=not progress,
-               leave=False, dynamic_ncols=True)
-    for epoch in bar:
-        if epoch == drop_epoch and epoch > 0:
-            for group in opt.param_groups:
-                group["lr"] = protocol.lr * 0.1
-        net.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        for i in range(0, n, protocol.batch_size):
-            idx = order[i:i + protocol.batch_size]
-            x, y = x_all[idx], y_all[idx]
-            if protocol.dsa:
-                x = augment.per_image(x, generator)
-            if protocol.cutmix_p > 0 and float(torch.rand(1, generator=generator)) < protocol.cutmix_p:
-                x, perm, keep = _cutmix(x, generator)
-                out = net(x)
-                loss = keep * _loss(out, y) + (1.0 - keep) * _loss(out, y[perm])
-            else:
-                loss = _loss(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if progress:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-    return _test(net, test_images, test_labels, device)
+    targets = labels.detach().float() if labels.is_floating_point() else labels.detach().long()
+    train_classifier(
+        net, images.detach().float(), targets, epochs=protocol.epochs, lr=protocol.lr,
+        momentum=protocol.momentum, weight_decay=protocol.weight_decay,
+        batch_size=protocol.batch_size, lr_milestones=[drop_epoch] if drop_epoch > 0 else [],
+        augment=augment.per_image if protocol.dsa else None, cutmix_p=protocol.cutmix_p,
+        generator=generator, device=device, progress=progress, desc=desc or protocol.name)
+    return accuracy(net, test_images.float(), test_labels, device)
 
 
 def run_seeds(seed: int, run: int):
