@@ -165,13 +165,16 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, args.data_path = config["dataset"], config["data_path"]
     else:
         check_plugin_names(args.plugins)  # before any slow work (data, experts)
+    if args.dataset.startswith("imagefolder:"):  # absolute, so --resume works from anywhere
+        args.dataset = "imagefolder:" + os.path.abspath(args.dataset.split(":", 1)[1])
     dataset = load_dataset(args.dataset, args.data_path)
     if not args.resume:
         config = resolve_config(args, dataset)
         check_ipc(dataset, config["ipc"], config["factor"], config["init"])
         config["environment"] = environment()
-        run_dir = RunDir.create(args.out or default_out(config), config)
+        run_dir = RunDir.create(args.out or _unused(default_out(config)), config)
     device = resolve_device(args.device if args.resume else config["device"])
+    channels_last = use_channels_last(config["channels_last"], device)
     log = _logger(run_dir)
     log(f"run directory {run_dir.path}; dataset {dataset.name} "
         f"({dataset.num_classes} classes, {len(dataset.train)} train images); plugins "
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         experts, where = load_or_train_experts(
             dataset, config["arch"], num_experts=config["num_experts"],
             epochs=config["expert_epochs"], seed=config["seed"], directory=config["experts"],
-            device=device, progress=progress, log=log)
+            device=device, progress=progress, channels_last=channels_last, log=log)
     plugins = PluginSet.from_names(config["plugins"], experts=experts, alpha=config["alpha"],
                                    lam=config["lam"], tau=config["tau"])
     syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
@@ -196,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                          lr=config["lr_img"], momentum=config["momentum"],
                          factor=config["factor"], seed=config["seed"], device=device,
                          dsa=config["dsa"], compile_real=config["compile"],
-                         channels_last=use_channels_last(config["channels_last"], device))
+                         channels_last=channels_last)
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         host.load_state_dict(checkpoint["host"])
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             dataset, stored, ipc=config["ipc"], factor=config["factor"],
             archs=config["eval_arch"], runs=config["eval_runs"], epochs=config["eval_epochs"],
             protocol=config["eval_protocol"], seed=config["seed"], device=device,
-            progress=progress, log=log)
+            progress=progress, channels_last=channels_last, log=log)
         summary = dict(results[0])
         summary["per_arch"] = results
         summary.update({"method": "dm", "plugins": config["plugins"], "ipc": config["ipc"],
@@ -231,6 +234,15 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
+
+
+def _unused(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it is taken (default run names only)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def use_channels_last(choice: str, device: torch.device) -> bool:

@@ -41,7 +41,8 @@ class Expert:
 
 
 def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """A contiguous CPU copy of the state (whatever memory format the network trained in)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
 class ExpertPool:
@@ -197,7 +198,7 @@ class ExpertPool:
               batch_size: int = 256, augment: Callable | None = None,
               test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
               device: str | torch.device = "cpu", progress: bool = True,
-              meta: dict | None = None) -> "ExpertPool":
+              meta: dict | None = None, channels_last: bool = False) -> "ExpertPool":
         """Train ``num_experts`` experts on real data (PTLM settings: SGD lr 0.01, momentum 0.9,
         weight decay 5e-4, 70 epochs by default).
 
@@ -210,6 +211,7 @@ class ExpertPool:
                 (e.g. per-image DSA).
             test_images, test_labels: when given, each expert's test accuracy is recorded in its
                 metadata.
+            channels_last: train in channels-last memory format (faster on CPU).
         """
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
@@ -225,7 +227,7 @@ class ExpertPool:
                 net, images, labels, epochs=epochs, lr=lr, momentum=momentum,
                 weight_decay=weight_decay, batch_size=batch_size, augment=augment,
                 generator=generator, device=device, progress=progress,
-                desc=f"expert {k + 1}/{num_experts}")
+                desc=f"expert {k + 1}/{num_experts}", channels_last=channels_last)
             expert_meta = {"index": k, "epochs": epochs, "train_accuracy": train_acc}
             if test_images is not None and test_labels is not None:
                 expert_meta["test_accuracy"] = accuracy(net, test_images, test_labels, device)

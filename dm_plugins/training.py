@@ -51,7 +51,7 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      cutmix_p: float = 0.0, generator: torch.Generator,
                      device: str | torch.device = "cpu", progress: bool = True,
-                     desc: str = "train") -> float:
+                     desc: str = "train", channels_last: bool = False) -> float:
     """Train ``network`` in place with SGD and return the final epoch's training accuracy (%).
 
     Args:
@@ -61,9 +61,11 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
         augment: ``augment(batch, generator)`` applied to every batch (e.g. per-image DSA).
         cutmix_p: probability of applying CutMix to a batch.
         generator: CPU generator for shuffling, augmentation and CutMix draws.
+        channels_last: train in channels-last memory format (faster on CPU; same maths).
     """
     device = torch.device(device)
-    network.to(device).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network.to(device, memory_format=memory_format).train()
     images, targets = images.to(device), targets.to(device)
     num_classes = targets.shape[1] if targets.ndim == 2 else int(targets.max()) + 1
     opt = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum,
@@ -83,7 +85,7 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                 x = augment(x, generator)
             if cutmix_p > 0 and float(torch.rand((), generator=generator)) < cutmix_p:
                 x, y = cutmix(x, y, num_classes, generator)
-            logits = network(x)
+            logits = network(x.contiguous(memory_format=memory_format))
             loss = soft_cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -74,3 +74,25 @@ def test_benchmark_runs_with_tiny_sizes(tmp_path, capsys):
         assert r["seconds_median"] > 0 and r["peak_memory_mb"] > 0
         assert r["ratio_to_naive"] > 0
     assert "| IPC | variant |" in capsys.readouterr().out
+
+
+def test_channels_last_training_equals_plain(toy, tiny_factory):
+    from dm_plugins.training import train_classifier
+    nets = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = tiny_factory()
+        train_classifier(net, toy.images, toy.labels, epochs=2, batch_size=8, lr=0.05,
+                         generator=torch.Generator().manual_seed(0), progress=False,
+                         channels_last=channels_last)
+        nets.append(net)
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_default_run_names_are_not_reused(tmp_path):
+    from baselines.dm import _unused
+    base = tmp_path / "runs" / "dm-digits"
+    assert _unused(str(base)) == str(base)
+    base.mkdir(parents=True)
+    assert _unused(str(base)) == f"{base}-2"

@@ -89,7 +89,7 @@ def save_synthetic(run_dir, dataset: Dataset, stored: torch.Tensor, *, ipc: int,
 
 def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor: int,
                     archs: list[str], runs: int, epochs: int, protocol: str, seed: int,
-                    device: torch.device, progress: bool,
+                    device: torch.device, progress: bool, channels_last: bool = False,
                     log: Callable[[str], None] = print) -> list[dict]:
     """Evaluate the stored synthetic images (normalised) on every architecture.
 
@@ -107,7 +107,7 @@ def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor:
             protocol=protocol, epochs=epochs, seed=seed, device=device,
             augment=DSA(flip=not dataset.is_digit_like), progress=progress,
             num_classes=dataset.num_classes, channels=dataset.channels,
-            image_size=dataset.image_size)
+            image_size=dataset.image_size, channels_last=channels_last)
         res["arch"] = arch
         log(f"evaluation {arch}: {res['accuracy_mean']:.2f} +- {res['accuracy_std']:.2f} "
             f"over {runs} runs ({protocol} protocol, {res['epochs']} epochs, last epoch)")

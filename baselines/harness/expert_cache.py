@@ -37,7 +37,7 @@ def default_cache_dir(dataset: str, arch: str, epochs: int, seed: int, num_exper
 def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epochs: int,
                           seed: int, directory: str | Path | None = None,
                           device: torch.device = torch.device("cpu"), progress: bool = True,
-                          log: Callable[[str], None] = print) -> tuple[ExpertPool, Path]:
+                          channels_last: bool = False, log: Callable[[str], None] = print) -> tuple[ExpertPool, Path]:
     """Load the experts from ``directory`` (or the default cache entry), training and saving
     them first if the directory holds none.
 
@@ -67,7 +67,8 @@ def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epoc
     pool = ExpertPool.train(
         factory, dataset.train.images, dataset.train.labels, num_experts=num_experts,
         epochs=epochs, seed=seed, augment=augment.per_image, test_images=dataset.test.images,
-        test_labels=dataset.test.labels, device=device, progress=progress, meta=expect)
+        test_labels=dataset.test.labels, device=device, progress=progress, meta=expect,
+        channels_last=channels_last)
     pool.save(path)
     log(f"experts: mean test accuracy {pool.mean_test_accuracy():.2f}% "
         f"({', '.join(format(e.meta['test_accuracy'], '.1f') for e in pool.experts)})")
