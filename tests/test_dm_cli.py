@@ -154,3 +154,12 @@ def test_runs_as_a_script_from_the_repository_root():
     assert out.returncode == 0
     for flag in ("--plugins", "--resume", "--checkpoint-every", "[embedded]"):
         assert flag in out.stdout
+
+
+def test_random_coreset_writes_an_evaluable_set(tmp_path):
+    from baselines import coreset
+    assert coreset.main(["--ipc", "3", "--out", str(tmp_path / "random")]) == 0
+    synset = load_synset(tmp_path / "random" / "synthetic.pt")
+    assert synset.images.shape == (30, 1, 32, 32)
+    assert synset.meta["method"] == "coreset-random"
+    assert synset.labels.tolist() == [c for c in range(10) for _ in range(3)]
