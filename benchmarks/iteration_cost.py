@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--factor", type=int, default=1)
     p.add_argument("--arch", default="convnet")
+    p.add_argument("--width", type=int, default=None, help="network width (ConvNet: 128)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--num-experts", type=int, default=5)
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
     data = load_data(args)
 
     def factory():
-        return get_network(args.arch, data.channels, data.num_classes, data.image_size)
+        extra = {} if args.width is None else {"width": args.width}
+        return get_network(args.arch, data.channels, data.num_classes, data.image_size, **extra)
 
     experts = (ExpertPool.load(args.experts, factory, seed=args.seed) if args.experts
                else random_experts(factory, args.num_experts, args.seed))

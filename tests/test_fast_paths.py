@@ -65,7 +65,7 @@ def test_benchmark_runs_with_tiny_sizes(tmp_path, capsys):
     assert iteration_cost.main([
         "--ipc", "1,2", "--batch-real", "4", "--warmup", "1", "--repeats", "2",
         "--num-experts", "2", "--synthetic-per-class", "6", "--synthetic-size", "16",
-        "--arch", "convnetd2", "--json", str(out), "--device", "cpu"]) == 0
+        "--arch", "convnetd2", "--width", "8", "--json", str(out), "--device", "cpu"]) == 0
     import json
     rows = json.loads(out.read_text())["rows"]
     assert {(r["ipc"], r["variant"]) for r in rows} == {
