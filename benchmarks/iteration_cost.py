@@ -2,7 +2,8 @@
 """Per-iteration cost of distillation: seconds per iteration and peak memory (paper Table 6).
 
 In one process, on the same data and seed, times the steady state of one distillation iteration
-(warm-up excluded, median over repeats) for:
+(warm-up excluded, median over repeats; the variants run round-robin, iteration by iteration,
+so that drift in machine speed affects them alike) for:
 
 - ``naive``:      per-class DM as the original code does it (new network, per-class DSA,
                   per-class forwards), :func:`dm_plugins.reference.naive_dm_iteration`;
@@ -12,8 +13,9 @@ In one process, on the same data and seed, times the steady state of one distill
 - ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm.
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
-reset before each variant through /proc/self/clear_refs (Linux), so each number is that
-variant's own peak (it includes the process baseline: Python, torch, the data).
+reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
+largest peak over its iterations (it includes the process baseline: Python, torch, the data and
+every variant's small persistent state).
 
 It prints a table and writes JSON. It measures; it asserts nothing about speed. The headline is
 the ratio of each variant to ``naive``, and ``all`` to ``host``.
@@ -125,8 +127,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_variant(variant, data, factory, experts, ipc, args, device):
-    """Median seconds per iteration and peak memory of one variant."""
+def make_stepper(variant, data, factory, experts, ipc, args, device):
+    """A ``step(t)`` running one iteration of ``variant``, and a ``close()``."""
     from adapters.dm import build_dm_host
     from baselines.harness.common import initial_synthetic
     from baselines.harness.dsa import DSA
@@ -134,39 +136,51 @@ def time_variant(variant, data, factory, experts, ipc, args, device):
     from dm_plugins.reference import naive_dm_iteration
 
     syn_init = initial_synthetic(data, ipc, args.factor, "real", args.seed)
-    total = args.warmup + args.repeats
-    reset_peak_memory(device)
-    times = []
     if variant == "naive":
         syn = syn_init.clone().to(device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
         augment = None if args.no_dsa else DSA(flip=not data.is_digit_like).siamese
-        real = data.train
-        for t in range(total):
+
+        def step(t):
+            naive_dm_iteration(data.train, factory, syn, opt, ipc=ipc,
+                               batch_real=args.batch_real, augment=augment, seed=args.seed,
+                               iteration=t, device=device)
+        return step, lambda: None
+    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts)
+    host = build_dm_host(data, factory, syn_init, plugins=plugins,
+                         iterations=args.warmup + args.repeats, batch_real=args.batch_real,
+                         lr=1.0, momentum=0.5, factor=args.factor, seed=args.seed,
+                         device=device, dsa=not args.no_dsa,
+                         channels_last=variant != "host-nchw",
+                         compile_real=args.compile and variant != "host-nchw")
+    host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
+    return host.step, host.close
+
+
+def time_variants(variants, data, factory, experts, ipc, args, device):
+    """Time all variants round-robin (iteration t of every variant, then t + 1, ...), so that
+    drift in machine speed hits every variant alike. Returns one result dict per variant."""
+    steppers = {v: make_stepper(v, data, factory, experts, ipc, args, device) for v in variants}
+    times = {v: [] for v in variants}
+    peaks = {v: 0.0 for v in variants}
+    for t in range(args.warmup + args.repeats):
+        for v, (step, _) in steppers.items():
+            reset_peak_memory(device)
             sync(device)
             start = time.perf_counter()
-            naive_dm_iteration(real, factory, syn, opt, ipc=ipc, batch_real=args.batch_real,
-                               augment=augment, seed=args.seed, iteration=t, device=device)
+            step(t)
             sync(device)
-            times.append(time.perf_counter() - start)
-    else:
-        plugins = PluginSet.from_names(PLUGINS[variant], experts=experts)
-        host = build_dm_host(data, factory, syn_init, plugins=plugins, iterations=total,
-                             batch_real=args.batch_real, lr=1.0, momentum=0.5,
-                             factor=args.factor, seed=args.seed, device=device,
-                             dsa=not args.no_dsa, channels_last=variant != "host-nchw",
-                             compile_real=args.compile and variant != "host-nchw")
-        host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
-        for t in range(total):
-            sync(device)
-            start = time.perf_counter()
-            host.step(t)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        host.close()
-    steady = times[args.warmup:]
-    return {"seconds_median": statistics.median(steady), "seconds_min": min(steady),
-            "seconds_all": steady, "peak_memory_mb": peak_memory_mb(device)}
+            times[v].append(time.perf_counter() - start)
+            peaks[v] = max(peaks[v], peak_memory_mb(device))
+    for _, close in steppers.values():
+        close()
+    results = []
+    for v in variants:
+        steady = times[v][args.warmup:]
+        results.append({"variant": v, "ipc": ipc, "seconds_median": statistics.median(steady),
+                        "seconds_min": min(steady), "seconds_all": steady,
+                        "peak_memory_mb": peaks[v]})
+    return results
 
 
 def main(argv=None) -> int:
@@ -193,10 +207,9 @@ def main(argv=None) -> int:
                else random_experts(factory, args.num_experts, args.seed))
     rows = []
     for ipc in ipcs:
-        for variant in variants:
-            res = time_variant(variant, data, factory, experts, ipc, args, device)
-            res.update({"variant": variant, "ipc": ipc})
+        for res in time_variants(variants, data, factory, experts, ipc, args, device):
             rows.append(res)
+            variant = res["variant"]
             print(f"  ipc {ipc:>3} {variant:<10} {res['seconds_median']:.3f} s/iter "
                   f"(min {res['seconds_min']:.3f}), peak {res['peak_memory_mb']:.0f} MiB",
                   flush=True)
