@@ -79,14 +79,6 @@ def _channel_stats(value, channels: int, name: str) -> torch.Tensor:
     return t.view(1, channels, 1, 1)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
-
-
 def _read_existing(path: Path) -> dict:
     try:
         old = json.loads(path.read_text())
@@ -98,6 +90,7 @@ def _read_existing(path: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from baselines.harness.common import UsageError, resolve_device
     from baselines.harness.datasets import DatasetError, load_dataset
     from baselines.harness.networks import get_network
 
@@ -117,8 +110,8 @@ def main(argv=None) -> int:
                 get_network(arch, ds.channels, ds.num_classes, ds.image_size)
             except ValueError as err:
                 raise CLIError(str(err)) from None
-        device = _device(args.device)
-    except (SynSetError, DatasetError, CLIError) as err:
+        device = resolve_device(args.device)
+    except (SynSetError, DatasetError, CLIError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
