@@ -32,12 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from baselines.harness.common import check_ipc, initial_synthetic, save_synthetic
-    from baselines.harness.datasets import load_dataset
+    from baselines.harness.datasets import canonical_dataset_name, load_dataset
     from baselines.harness.errors import USER_ERRORS
     from baselines.harness.runs import RunDir
     try:
-        if args.dataset.startswith("imagefolder:"):
-            args.dataset = "imagefolder:" + os.path.abspath(args.dataset.split(":", 1)[1])
+        args.dataset = canonical_dataset_name(args.dataset)
         dataset = load_dataset(args.dataset, args.data_path)
         check_ipc(dataset, args.ipc, 1, "real")
         stored = initial_synthetic(dataset, args.ipc, 1, "real", args.seed)

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.dm import build_dm_host
     from baselines.harness.common import (check_ipc, evaluate_stored, initial_synthetic,
                                           resolve_device, save_synthetic)
-    from baselines.harness.datasets import load_dataset
+    from baselines.harness.datasets import canonical_dataset_name, load_dataset
     from baselines.harness.expert_cache import load_or_train_experts
     from baselines.harness.networks import get_network
     from baselines.harness.runs import RunDir, environment, peak_memory_mb
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, args.data_path = config["dataset"], config["data_path"]
     else:
         check_plugin_names(args.plugins)  # before any slow work (data, experts)
-    if args.dataset.startswith("imagefolder:"):  # absolute, so --resume works from anywhere
-        args.dataset = "imagefolder:" + os.path.abspath(args.dataset.split(":", 1)[1])
+    args.dataset = canonical_dataset_name(args.dataset)
     dataset = load_dataset(args.dataset, args.data_path)
     if not args.resume:
         config = resolve_config(args, dataset)

@@ -96,32 +96,6 @@ def random_experts(factory, num, seed):
     return ExpertPool(experts, factory, seed=seed)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from baselines.harness.runs import peak_memory_mb as fallback
-    return fallback(device)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -160,6 +134,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
 def time_variants(variants, data, factory, experts, ipc, args, device):
     """Time all variants round-robin (iteration t of every variant, then t + 1, ...), so that
     drift in machine speed hits every variant alike. Returns one result dict per variant."""
+    from baselines.harness.runs import peak_memory_mb, reset_peak_memory
     steppers = {v: make_stepper(v, data, factory, experts, ipc, args, device) for v in variants}
     times = {v: [] for v in variants}
     peaks = {v: 0.0 for v in variants}

@@ -483,6 +483,14 @@ def _load_imagefolder(path: str) -> Dataset:
 
 # ------------------------------------------------------------------------------------- loading
 
+def canonical_dataset_name(name: str) -> str:
+    """``imagefolder:PATH`` with PATH made absolute (so configs work from any directory);
+    other names unchanged."""
+    if name.startswith("imagefolder:"):
+        return "imagefolder:" + os.path.abspath(name.split(":", 1)[1])
+    return name
+
+
 def load_dataset(name: str, data_path: str | None = None, download: bool = True) -> Dataset:
     """Load a dataset by name (see the module docstring for the names and folder layouts).
 

@@ -30,11 +30,33 @@ class RunError(Exception):
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA max allocated on GPU, peak resident set size on CPU (MiB)."""
+    """Peak memory since start or the last :func:`reset_peak_memory` (MiB): CUDA max allocated
+    on GPU; on CPU the peak resident set size (VmHWM on Linux, else ``ru_maxrss``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart peak tracking: CUDA peak stats, or the process's VmHWM through
+    /proc/self/clear_refs (Linux; elsewhere the CPU peak cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def environment() -> dict[str, Any]:
