@@ -7,7 +7,8 @@ from .errors import ExpertError, PluginError
 from .experts import Expert, ExpertPool
 from .hookspecs import hookimpl, hookspec
 from .loop import DMHost
-from .manager import PluginSet, available_plugins, check_plugin_names, parse_plugin_names
+from .manager import PluginSet, available_plugins, check_plugin_names, parse_plugin_names,
+                      plugins_need_experts
 from .pseudo_label import PseudoLabelMatching
 from .trajectory import PseudoTrajectoryMatching, injection_ratio
 
@@ -17,5 +18,5 @@ __all__ = [
     "CapacityMatching", "PseudoTrajectoryMatching", "PseudoLabelMatching", "PluginSet",
     "DistillContext", "DMHost", "ExpertPool", "Expert", "ClassIndexedData", "ClassIndexedTensors",
     "PluginError", "ExpertError", "hookimpl", "hookspec", "available_plugins",
-    "parse_plugin_names", "check_plugin_names", "capacity_keep_mask", "injection_ratio", "__version__",
+    "parse_plugin_names", "check_plugin_names", "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
 ]

@@ -75,6 +75,7 @@ class CapacityMatching:
     """
 
     name = "cap"
+    needs_experts = False
 
     def __init__(self, alpha: int = 50, ipc: int | None = None):
         if alpha < 1:

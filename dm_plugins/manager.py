@@ -59,6 +59,10 @@ class _LazyEntryPoint:
                               f"{type(exc).__name__}: {exc}") from None
         return _call_with_accepted(factory, options)
 
+    @property
+    def needs_experts(self) -> bool:
+        return bool(getattr(self.ep.load(), "needs_experts", False))
+
 
 def parse_plugin_names(spec: str | None) -> list[str]:
     """``"cap,ptm,plm"`` -> ``["cap", "ptm", "plm"]``; ``"none"``, ``""`` or None -> ``[]``.
@@ -92,6 +96,17 @@ def check_plugin_names(spec: str | list[str] | tuple[str, ...] | None) -> list[s
             raise PluginError(f"unknown plugin {name!r}; available: "
                               f"{', '.join(factories)} (or 'none')")
     return names
+
+
+def plugins_need_experts(spec: str | list[str] | tuple[str, ...] | None) -> bool:
+    """True when any named plugin declares ``needs_experts = True`` (a class attribute).
+
+    Lets a run driver decide whether to load or train an expert pool without knowing plugins
+    by name.
+    """
+    factories = available_plugins()
+    return any(bool(getattr(factories[name], "needs_experts", False))
+               for name in check_plugin_names(spec))
 
 
 def _call_with_accepted(factory: Callable[..., Any], options: dict[str, Any]):

@@ -88,6 +88,7 @@ class PseudoLabelMatching:
     """
 
     name = "plm"
+    needs_experts = True
 
     def __init__(self, experts=None, tau: float = 0.1, max_real_per_class: int = 500):
         if experts is None:

@@ -40,6 +40,7 @@ class PseudoTrajectoryMatching:
     """
 
     name = "ptm"
+    needs_experts = True
 
     def __init__(self, experts=None, lam: float = 1.0):
         if experts is None:
