@@ -5,31 +5,54 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .data import ClassIndexedData
+from .errors import PluginError
 
 
 @dataclass
 class DistillContext:
     """What a distillation run is, as plugins see it.
 
+    Only the first three fields are required; a plugin that needs an optional one the loop did
+    not give raises :class:`dm_plugins.PluginError` at setup (see :meth:`require`).
+
     Attributes:
         num_classes: number of classes C.
         ipc: stored synthetic images per class (the budget; with factorisation each stored image
             decodes to several training images, but capacity matching's alpha compares to this).
-        num_iterations: T.
-        extractor: the host's feature extractor (modified in place by extractor updaters).
-        real: class-indexed real data in normalised space.
-        device: where the host computes.
-        seed: the run seed.
+        num_iterations: T; iterations are numbered ``0 .. T-1``.
+        real: class-indexed real data in normalised space (needed by ``plm``).
+        extractor: the loop's own network, used only to check that plugin-provided networks
+            have the same architecture; never modified.
+        device: where the loop computes (plugins build their networks here).
+        memory_format: the loop's memory format for images and networks.
+        seed: the run seed (plugins derive their random draws from it).
         extra: free-form host information (method name, dataset name, ...).
     """
 
     num_classes: int
     ipc: int
     num_iterations: int
-    extractor: torch.nn.Module
-    real: ClassIndexedData
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    real: ClassIndexedData | None = None
+    extractor: nn.Module | None = None
+    device: torch.device | str = "cpu"
+    memory_format: torch.memory_format = torch.contiguous_format
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("num_classes", "ipc", "num_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PluginError(f"DistillContext.{name} must be an integer >= 1, got {value!r}")
+        self.device = torch.device(self.device)
+
+    def require(self, name: str, plugin: str, why: str):
+        """The optional field ``name``, or a one-line :class:`PluginError` if it is missing."""
+        value = getattr(self, name)
+        if value is None:
+            raise PluginError(f"plugin {plugin!r} needs DistillContext.{name} ({why}); pass "
+                              f"{name}=... to PluginSet.setup")
+        return value

@@ -1,10 +1,18 @@
 """The expert pool shared by pseudo-trajectory matching and pseudo-label matching.
 
 An expert is a network trained on the real data, stored with the random initial weights it
-started from (theta_init) and its trained weights (theta_star) (PTLM section 3, DESIGN.md 2.5).
-The pool keeps every expert's weights in memory and answers "which expert does iteration t
-use?" with a deterministic function of (seed, t), so PTM and PLM pick the same expert without
-knowing about each other.
+started from (theta_init) and its trained weights (theta_star) (PTLM section 3; see
+``docs/methods.md#pseudo-trajectory-matching``). The pool keeps every expert's weights in memory
+and answers "which expert does iteration t use?" with a deterministic function of (seed, t), so
+PTM and PLM pick the same expert without knowing about each other.
+
+Getting experts is one call, :meth:`ExpertPool.load_or_train`: it loads what a directory holds
+and trains (and saves, one expert at a time) what is missing, from plain tensors.
+
+Every network the pool builds comes from the caller's factory inside
+:func:`dm_plugins.seeding.preserved_global_rng`: a factory that reseeds the global RNG (research
+code often seeds from the wall clock) neither changes the caller's RNG stream nor the experts'
+initial weights, which are re-drawn from a seed derived from (seed, k).
 """
 from __future__ import annotations
 
@@ -20,8 +28,9 @@ from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write_json
 from .errors import ExpertError
-from .seeding import derive_seed, make_generator
+from .seeding import derive_seed, make_generator, preserved_global_rng, reinitialize_
 from .training import accuracy, train_classifier
+from .wrapping import strip_wrapper_prefixes, unwrap_network
 
 MANIFEST = "manifest.json"
 FORMAT = "dm_plugins.experts"
@@ -33,16 +42,41 @@ _TRAIN_STREAM = 0x7A
 
 @dataclass
 class Expert:
-    """One expert: full state dicts at initialisation and after training, plus metadata."""
+    """One expert: full state dicts at initialisation and after training, plus metadata.
+
+    State-dict keys are stored without wrapper prefixes (``module.``, ``_orig_mod.``).
+    """
 
     init_state: dict[str, torch.Tensor]
     trained_state: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.init_state = strip_wrapper_prefixes(self.init_state)
+        self.trained_state = strip_wrapper_prefixes(self.trained_state)
+
 
 def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A contiguous CPU copy of the state (whatever memory format the network trained in)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    """A contiguous CPU copy of the (unwrapped) network's state."""
+    state = unwrap_network(module).state_dict()
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def build_network(network_factory: Callable[[], nn.Module]) -> nn.Module:
+    """``network_factory()`` unwrapped, with every global RNG restored afterwards."""
+    with preserved_global_rng():
+        network = network_factory()
+    if not isinstance(network, nn.Module):
+        raise ExpertError(f"the network factory returned {type(network).__name__}, not an "
+                          f"nn.Module")
+    return unwrap_network(network)
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
+RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")
 
 
 class ExpertPool:
@@ -50,10 +84,12 @@ class ExpertPool:
 
     Args:
         experts: the experts (at least one).
-        network_factory: ``() -> nn.Module`` building the experts' architecture; used to
-            check compatibility with a host's extractor and to build the frozen trained networks.
+        network_factory: ``() -> nn.Module`` building the experts' architecture (wrapped
+            networks are unwrapped); used to check compatibility with a loop's network and to
+            build the networks PTM and PLM compute with.
         seed: the pick seed: :meth:`pick` is a function of ``(seed, t)`` only.
-        meta: free-form description (dataset, architecture, epochs, ...), saved in the manifest.
+        meta: free-form description (dataset, architecture, the training recipe, ...), saved
+            in the manifest.
     """
 
     def __init__(self, experts: Sequence[Expert], network_factory: Callable[[], nn.Module],
@@ -64,9 +100,12 @@ class ExpertPool:
         self.network_factory = network_factory
         self.seed = int(seed)
         self.meta = dict(meta or {})
+        template = build_network(network_factory)
+        self._state_shapes = _shapes(template.state_dict())
+        self._param_names = [n for n, _ in template.named_parameters()]
         self._param_cache: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._network_cache: dict[tuple[int, str, str], nn.Module] = {}
-        self._check_states_fit(network_factory())
+        self._check_states_fit()
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -76,20 +115,26 @@ class ExpertPool:
         """Index of the expert used at iteration t: a fixed function of (seed, t)."""
         return derive_seed(self.seed, _PICK_STREAM, iteration) % len(self.experts)
 
-    # -- weights in memory ----------------------------------------------------------------
+    # -- networks and weights in memory ---------------------------------------------------
+    def network(self, device: str | torch.device = "cpu",
+                memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
+        """A new network of the experts' architecture (weights unspecified), in training mode
+        with parameter gradients off: the network an extractor provider owns and rewrites."""
+        net = build_network(self.network_factory)
+        return net.to(device, memory_format=memory_format).train().requires_grad_(False)
+
     def parameter_pair(self, index: int, device: str | torch.device = "cpu"
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(theta_init, theta_star) of expert ``index`` as lists of parameter tensors.
 
-        Ordered like ``network.named_parameters()`` of the pool's architecture (buffers such as
+        Ordered like ``named_parameters()`` of the pool's architecture (buffers such as
         batch-norm statistics are not included). Cached per device: later calls cost nothing.
         """
         key = (index, str(torch.device(device)))
         if key not in self._param_cache:
-            names = [n for n, _ in self.network_factory().named_parameters()]
             expert = self.experts[index]
-            init = [expert.init_state[n].to(device).contiguous() for n in names]
-            star = [expert.trained_state[n].to(device).contiguous() for n in names]
+            init = [expert.init_state[n].to(device).contiguous() for n in self._param_names]
+            star = [expert.trained_state[n].to(device).contiguous() for n in self._param_names]
             self._param_cache[key] = (init, star)
         return self._param_cache[key]
 
@@ -102,16 +147,17 @@ class ExpertPool:
         """
         key = (index, str(torch.device(device)), str(memory_format))
         if key not in self._network_cache:
-            net = self.network_factory()
+            net = build_network(self.network_factory)
             net.load_state_dict(self.experts[index].trained_state)
             net.to(device, memory_format=memory_format).eval().requires_grad_(False)
             self._network_cache[key] = net
         return self._network_cache[key]
 
     def check_compatible(self, network: nn.Module) -> None:
-        """Raise :class:`ExpertError` unless ``network``'s parameters match the experts'."""
-        expected = {n: tuple(p.shape) for n, p in self.network_factory().named_parameters()}
-        got = {n: tuple(p.shape) for n, p in network.named_parameters()}
+        """Raise :class:`ExpertError` unless ``network``'s parameters (wrappers removed) match
+        the experts'."""
+        expected = {n: self._state_shapes[n] for n in self._param_names}
+        got = {n: tuple(p.shape) for n, p in unwrap_network(network).named_parameters()}
         if expected != got:
             diff = sorted(set(expected.items()) ^ set(got.items()))[:2]
             raise ExpertError(
@@ -123,74 +169,139 @@ class ExpertPool:
         parts = [f"{k}={self.meta[k]}" for k in keys if k in self.meta]
         return ", ".join(parts) if parts else f"{len(self)} experts"
 
-    def _check_states_fit(self, network: nn.Module) -> None:
-        expected = {n: tuple(t.shape) for n, t in network.state_dict().items()}
+    def _check_states_fit(self) -> None:
         for i, e in enumerate(self.experts):
             for which, state in (("initial", e.init_state), ("trained", e.trained_state)):
-                got = {n: tuple(t.shape) for n, t in state.items()}
-                if got != expected:
-                    diff = sorted(set(expected.items()) ^ set(got.items()))[:2]
+                got = _shapes(state)
+                if got != self._state_shapes:
+                    diff = sorted(set(self._state_shapes.items()) ^ set(got.items()))[:2]
+                    missing = sorted(set(self._state_shapes) - set(got))[:1]
+                    hint = (f"parameter {missing[0]!r} is missing" if missing and not
+                            set(got) - set(self._state_shapes) else
+                            "another architecture or class count")
                     raise ExpertError(
                         f"expert {i}'s {which} weights ({self.describe()}) do not fit the "
-                        f"requested network (differences e.g. {diff}): other architecture or "
-                        f"class count; point to matching experts or delete the cache to retrain")
+                        f"network factory's (differences e.g. {diff}: {hint}); use experts "
+                        f"trained for this network, or delete the directory to retrain")
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``manifest.json`` and ``expert_<k>.pt`` files (each atomically)."""
+        """Write ``expert_<k>.pt`` files and ``manifest.json`` (each atomically)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for k, e in enumerate(self.experts):
-            atomic_torch_save(directory / f"expert_{k}.pt",
-                              {"format": FORMAT, "init": e.init_state,
-                               "trained": e.trained_state, "meta": e.meta})
+        for k in range(len(self)):
+            self._save_expert(directory, k)
+        self._write_manifest(directory)
+        return directory
+
+    def _save_expert(self, directory: Path, k: int) -> None:
+        e = self.experts[k]
+        atomic_torch_save(directory / f"expert_{k}.pt",
+                          {"format": FORMAT, "init": e.init_state, "trained": e.trained_state,
+                           "meta": e.meta})
+
+    def _write_manifest(self, directory: Path) -> None:
         manifest = {"format": FORMAT, "version": 1, "num_experts": len(self), "seed": self.seed,
                     "meta": self.meta, "experts": [e.meta for e in self.experts]}
         atomic_write_json(directory / MANIFEST, manifest)
-        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, network_factory: Callable[[], nn.Module],
              seed: int = 0, expect: dict | None = None) -> "ExpertPool":
-        """Load a pool written by :meth:`save`.
+        """Load a pool written by :meth:`save` or :meth:`load_or_train`.
 
         Args:
             expect: metadata the pool must have (e.g. ``{"arch": "convnet", "num_classes": 10}``);
                 a mismatch is an :class:`ExpertError` naming both values.
         """
         directory = Path(directory)
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
+        manifest = _read_manifest(directory)
+        if manifest is None:
             raise ExpertError(f"no expert pool at {directory} (missing {MANIFEST}); train experts "
-                              f"first or point to a directory written by ExpertPool.save")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ExpertError(f"{manifest_path} is not readable JSON ({exc}); delete the directory "
-                              f"to retrain the experts") from None
-        if manifest.get("format") != FORMAT:
-            raise ExpertError(f"{manifest_path} is not a dm_plugins expert manifest")
-        meta = manifest.get("meta", {})
-        for key, value in (expect or {}).items():
-            if key in meta and meta[key] != value:
-                raise ExpertError(
-                    f"expert cache {directory} was trained with {key}={meta[key]!r} but this run "
-                    f"uses {key}={value!r}; use a matching --experts directory or another cache")
-        experts = []
-        for k in range(int(manifest.get("num_experts", 0))):
-            path = directory / f"expert_{k}.pt"
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                experts.append(Expert(blob["init"], blob["trained"], blob.get("meta", {})))
-            except FileNotFoundError:
-                raise ExpertError(f"expert file {path} is missing; delete {directory} to "
-                                  f"retrain the experts") from None
-            except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-                raise ExpertError(f"expert file {path} is unreadable (truncated or corrupt? "
-                                  f"{type(exc).__name__}); delete {directory} to retrain") from None
-        return cls(experts, network_factory, seed=seed, meta=meta)
+                              f"first (ExpertPool.load_or_train) or point to a directory written "
+                              f"by ExpertPool.save")
+        _check_expected(directory, manifest.get("meta", {}), expect)
+        experts = [_load_expert(directory, k) for k in range(int(manifest.get("num_experts", 0)))]
+        if not experts:
+            raise ExpertError(f"{directory} holds no trained expert yet")
+        return cls(experts, network_factory, seed=seed, meta=manifest.get("meta", {}))
 
     # -- training -------------------------------------------------------------------------
+    @classmethod
+    def load_or_train(cls, directory: str | os.PathLike, network_factory: Callable[[], nn.Module],
+                      images: torch.Tensor, labels: torch.Tensor, *, num_experts: int = 5,
+                      epochs: int = 70, seed: int = 0, lr: float = 0.01, momentum: float = 0.9,
+                      weight_decay: float = 5e-4, batch_size: int = 256,
+                      augment: Callable | None = None, augment_name: str | None = None,
+                      test_images: torch.Tensor | None = None,
+                      test_labels: torch.Tensor | None = None,
+                      device: str | torch.device = "cpu", progress: bool = True,
+                      meta: dict | None = None, channels_last: bool = False,
+                      log: Callable[[str], None] | None = None) -> "ExpertPool":
+        """The experts in ``directory``, training and saving the missing ones first.
+
+        Each expert is saved as soon as it is trained, so an interrupted call resumes at the
+        first missing expert; expert k depends only on (seed, k) and the recipe, so training
+        them in one call or several gives the same weights. A directory trained with another
+        recipe or ``meta`` (dataset, architecture, ...) raises :class:`ExpertError`; so does a
+        non-empty directory that is not an expert pool. Extra experts in the directory are
+        left on disk and not used.
+
+        Training (PTLM's recipe by default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
+        70 epochs, batch 256) uses **no augmentation unless** ``augment(x, generator) -> x`` is
+        given; name it with ``augment_name`` (recorded in the manifest and compared on load).
+        The command-line baselines pass per-image DSA (``augment_name="dsa"``).
+
+        Args:
+            images, labels: normalised real training data (plain tensors).
+            test_images, test_labels: when given, each expert's test accuracy is recorded.
+            meta: extra description that must match on reuse (e.g. dataset, arch).
+            log: called with one line per expert loaded or trained.
+        """
+        if num_experts < 1:
+            raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
+        if augment is not None and augment_name is None:
+            augment_name = getattr(augment, "__qualname__", type(augment).__name__)
+        directory = Path(directory)
+        recipe = {"epochs": int(epochs), "seed": int(seed), "lr": lr, "momentum": momentum,
+                  "weight_decay": weight_decay, "batch_size": int(batch_size),
+                  "augment": augment_name or "none"}
+        pool_meta = {**recipe, **(meta or {})}
+        manifest = _read_manifest(directory)
+        if manifest is None and directory.exists() and any(directory.iterdir()):
+            if not all(p.name.startswith(".") or p.name.startswith("expert_")
+                       for p in directory.iterdir()):
+                raise ExpertError(f"{directory} exists but holds no expert pool (no {MANIFEST}); "
+                                  f"point to an empty or new directory")
+        experts: list[Expert] = []
+        if manifest is not None:
+            _check_expected(directory, manifest.get("meta", {}), pool_meta)
+            have = min(int(manifest.get("num_experts", 0)), num_experts)
+            experts = [_load_expert(directory, k) for k in range(have)]
+            if log is not None and experts:
+                log(f"experts: loaded {len(experts)} from {directory}")
+        if len(experts) < num_experts and log is not None:
+            log(f"experts: training {num_experts - len(experts)} of {num_experts} for {epochs} "
+                f"epochs (saved to {directory} one by one)")
+        pool = None
+        for k in range(len(experts), num_experts):
+            experts.append(train_expert(
+                network_factory, images, labels, index=k, epochs=epochs, seed=seed, lr=lr,
+                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                augment=augment, test_images=test_images, test_labels=test_labels,
+                device=device, progress=progress, channels_last=channels_last,
+                desc=f"expert {k + 1}/{num_experts}"))
+            pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
+            pool._check_distinct_inits()
+            directory.mkdir(parents=True, exist_ok=True)
+            pool._save_expert(directory, k)
+            pool._write_manifest(directory)
+            if log is not None:
+                log(f"experts: expert {k} trained, {_accuracy_text(experts[k])}")
+        if pool is None:
+            pool = cls(experts, network_factory, seed=seed,
+                       meta={**(manifest or {}).get("meta", {}), **pool_meta})
+        return pool
+
     @classmethod
     def train(cls, network_factory: Callable[[], nn.Module], images: torch.Tensor,
               labels: torch.Tensor, *, num_experts: int = 5, epochs: int = 70, seed: int = 0,
@@ -199,43 +310,107 @@ class ExpertPool:
               test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
               device: str | torch.device = "cpu", progress: bool = True,
               meta: dict | None = None, channels_last: bool = False) -> "ExpertPool":
-        """Train ``num_experts`` experts on real data (PTLM settings: SGD lr 0.01, momentum 0.9,
-        weight decay 5e-4, 70 epochs by default).
-
-        Expert k's initial weights are drawn with a seed derived from (seed, k), saved, then the
-        network is trained with batches drawn from a generator derived from (seed, k).
-
-        Args:
-            images, labels: normalised real training data.
-            augment: optional ``augment(x, generator) -> x`` applied to every training batch
-                (e.g. per-image DSA).
-            test_images, test_labels: when given, each expert's test accuracy is recorded in its
-                metadata.
-            channels_last: train in channels-last memory format (faster on CPU).
-        """
+        """Train ``num_experts`` experts in memory (nothing saved; see :meth:`load_or_train`
+        for the cached, resumable version). Same recipe, seeds and augmentation rule."""
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
-        experts = []
-        for k in range(num_experts):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, _INIT_STREAM, k))
-                net = network_factory()
-            init_state = _state_on_cpu(net)
-            net.to(device)
-            generator = make_generator(seed, _TRAIN_STREAM, k)
-            train_acc = train_classifier(
-                net, images, labels, epochs=epochs, lr=lr, momentum=momentum,
-                weight_decay=weight_decay, batch_size=batch_size, augment=augment,
-                generator=generator, device=device, progress=progress,
-                desc=f"expert {k + 1}/{num_experts}", channels_last=channels_last)
-            expert_meta = {"index": k, "epochs": epochs, "train_accuracy": train_acc}
-            if test_images is not None and test_labels is not None:
-                expert_meta["test_accuracy"] = accuracy(net, test_images, test_labels, device)
-            experts.append(Expert(init_state, _state_on_cpu(net), expert_meta))
+        experts = [train_expert(network_factory, images, labels, index=k, epochs=epochs,
+                                seed=seed, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                batch_size=batch_size, augment=augment, test_images=test_images,
+                                test_labels=test_labels, device=device, progress=progress,
+                                channels_last=channels_last, desc=f"expert {k + 1}/{num_experts}")
+                   for k in range(num_experts)]
         pool_meta = {"epochs": epochs, "seed": seed, "lr": lr, "momentum": momentum,
-                     "weight_decay": weight_decay, "batch_size": batch_size, **(meta or {})}
-        return cls(experts, network_factory, seed=seed, meta=pool_meta)
+                     "weight_decay": weight_decay, "batch_size": batch_size,
+                     "augment": "none" if augment is None else
+                     getattr(augment, "__qualname__", type(augment).__name__), **(meta or {})}
+        pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
+        pool._check_distinct_inits()
+        return pool
+
+    def _check_distinct_inits(self) -> None:
+        """Experts must start from different weights (a factory whose parameters are not
+        re-drawn by ``reset_parameters()`` and that reseeds the RNG would collapse them)."""
+        first = {}
+        for k, e in enumerate(self.experts):
+            key = tuple(float(t.double().sum()) for t in e.init_state.values()
+                        if t.is_floating_point())
+            if key in first and all(torch.equal(a, b) for a, b in zip(
+                    self.experts[first[key]].init_state.values(), e.init_state.values())):
+                raise ExpertError(
+                    f"experts {first[key]} and {k} start from identical weights: the network "
+                    f"factory fixes its own initialisation; give its modules reset_parameters() "
+                    f"or stop it reseeding the RNG")
+            first.setdefault(key, k)
 
     def mean_test_accuracy(self) -> float:
         accs = [e.meta["test_accuracy"] for e in self.experts if "test_accuracy" in e.meta]
         return sum(accs) / len(accs) if accs else math.nan
+
+
+def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
+                 labels: torch.Tensor, *, index: int, epochs: int, seed: int = 0,
+                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 batch_size: int = 256, augment: Callable | None = None,
+                 test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 channels_last: bool = False, desc: str = "expert") -> Expert:
+    """Train expert ``index``: initial weights drawn by each module's ``reset_parameters()``
+    under a seed derived from (seed, index), batches and augmentation from a generator derived
+    from (seed, index). Depends on nothing else, so experts can be trained one at a time."""
+    net = build_network(network_factory)
+    reinitialize_(net, derive_seed(seed, _INIT_STREAM, index))
+    init_state = _state_on_cpu(net)
+    net.to(device)
+    train_acc = train_classifier(
+        net, images, labels, epochs=epochs, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, batch_size=batch_size, augment=augment,
+        generator=make_generator(seed, _TRAIN_STREAM, index), device=device, progress=progress,
+        desc=desc, channels_last=channels_last)
+    meta = {"index": index, "epochs": epochs, "train_accuracy": train_acc}
+    if test_images is not None and test_labels is not None:
+        meta["test_accuracy"] = accuracy(net, test_images, test_labels, device)
+    return Expert(init_state, _state_on_cpu(net), meta)
+
+
+def _accuracy_text(expert: Expert) -> str:
+    acc = expert.meta.get("test_accuracy")
+    return (f"test accuracy {acc:.1f}%" if acc is not None else
+            f"train accuracy {expert.meta.get('train_accuracy', math.nan):.1f}%")
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExpertError(f"{path} is not readable JSON ({exc}); delete the directory to "
+                          f"retrain the experts") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExpertError(f"{path} is not a dm_plugins expert manifest")
+    return manifest
+
+
+def _check_expected(directory: Path, meta: dict, expect: dict | None) -> None:
+    for key, value in (expect or {}).items():
+        if key in meta and meta[key] != value:
+            raise ExpertError(f"the experts in {directory} were trained with {key}={meta[key]!r} "
+                              f"but {key}={value!r} is asked for; use a matching directory or "
+                              f"another one")
+
+
+def _load_expert(directory: Path, k: int) -> Expert:
+    path = directory / f"expert_{k}.pt"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        expert = Expert(blob["init"], blob["trained"], dict(blob.get("meta", {})))
+    except FileNotFoundError:
+        raise ExpertError(f"expert file {path} is missing; delete {directory} to retrain the "
+                          f"experts") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ExpertError(f"expert file {path} is unreadable (truncated or corrupt? "
+                          f"{type(exc).__name__}); delete {directory} to retrain") from None
+    expert.meta["index"] = k
+    return expert

@@ -1,27 +1,35 @@
 """Hook specifications of dm_plugins (pluggy project name ``"dm_plugins"``).
 
-A DM-style host (the minimal loop in :mod:`dm_plugins.loop`, or an adapter in ``adapters/``)
-calls these hooks at fixed points of every distillation iteration. A plugin is any object with
-methods of these names decorated by :data:`hookimpl`; it may implement any subset.
+A DM-style loop (the minimal host in :mod:`dm_plugins.loop`, an adapter in ``adapters/``, or a
+user's own fork of DM, IDM or DANCE) calls these hooks at fixed points of every distillation
+iteration, always through :class:`dm_plugins.PluginSet` and always with keyword arguments. A
+plugin is any object with methods of these names decorated by :data:`hookimpl`; it may implement
+any subset, and pluggy passes an implementation only the arguments it names.
 
-One iteration of a host, in order::
+One iteration ``t`` of a loop, in order::
 
-    dm_update_extractor(...)          # extractor weights for this iteration
-    (host computes real and synthetic features with the extractor)
-    dm_select_real(...)               # once per class: which real samples to match
-    (host computes the matching loss)
-    dm_auxiliary_loss(...)            # extra losses on the synthetic images
-    (host steps the synthetic images on matching + auxiliary loss)
+    dm_provide_extractor(...)         # at most one plugin: the network for iteration t
+    (loop computes real and synthetic features with that network, or with its own)
+    dm_select_real(...)               # per class: which real samples to match
+    (loop computes the matching loss)
+    dm_auxiliary_loss(...)            # extra named losses on the synthetic images
+    (loop steps the synthetic images on matching + auxiliary losses)
 
 ``dm_setup`` runs once before the first iteration and ``dm_teardown`` once after the last.
-Hosts always call hooks with keyword arguments; implementations may accept any subset of the
-arguments listed (pluggy passes only the ones an implementation names).
-
-Iterations are numbered ``t = 0 .. T-1`` with ``T = num_iterations`` (DESIGN.md section 2).
+Iterations are numbered ``t = 0 .. T-1`` with ``T = num_iterations``; the method notes in
+``docs/methods.md`` give the equations cited below.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from torch import nn
+
+    from .context import DistillContext
 
 PROJECT_NAME = "dm_plugins"
 
@@ -30,94 +38,102 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def dm_setup(context):
+def dm_setup(context: "DistillContext") -> None:
     """Prepare a plugin for a distillation run.
 
-    Called once by the host, before the first iteration and before any other hook.
+    Called once, before the first iteration and before any other hook.
 
-    :param dm_plugins.context.DistillContext context: what the run is: ``num_classes``, ``ipc``
-        (stored images per class, the budget), ``num_iterations`` (T), ``extractor`` (the
-        network the host computes features with; the same object is passed to every later
-        :func:`dm_update_extractor` call), ``real`` (class-indexed real data, normalised),
-        ``device`` and ``seed``.
+    :param context: what the run is (see :class:`dm_plugins.DistillContext`): ``num_classes``,
+        ``ipc`` (stored images per class, the budget), ``num_iterations`` (T), ``device``,
+        ``memory_format``, ``seed``, and optionally ``real`` (class-indexed real data,
+        normalised) and ``extractor`` (the loop's own network, for compatibility checks only).
 
-    Use it to validate that the plugin fits the run (raise :class:`dm_plugins.PluginError` with a
-    one-line message if not), to move state to ``context.device`` and to precompute anything
-    that does not change during the run (PLM's pseudo-labels, PTM's weight tensors).
+    Validate that the plugin fits the run (raise :class:`dm_plugins.PluginError` with a one-line
+    message if not), move state to ``context.device`` and build what does not change during the
+    run. A plugin that needs an optional field the loop did not give raises ``PluginError``.
 
     Return value: ignored. Every registered implementation is called.
     """
 
 
-@hookspec
-def dm_update_extractor(extractor, iteration, num_iterations):
-    """Set the feature extractor's weights for iteration ``iteration``.
+@hookspec(firstresult=True)
+def dm_provide_extractor(iteration: int, num_iterations: int) -> "nn.Module | None":
+    """Provide the feature extractor for iteration ``iteration``.
 
-    Called by the host at the start of every iteration, before any feature is computed.
+    Called at the start of every iteration, before any feature is computed, through
+    :meth:`dm_plugins.PluginSet.extractor`.
 
-    :param torch.nn.Module extractor: the host's preallocated feature extractor, to be modified
-        in place (the host keeps using this object).
-    :param int iteration: t, in ``0 .. num_iterations - 1``.
-    :param int num_iterations: T.
+    :param iteration: t, in ``0 .. num_iterations - 1``.
+    :param num_iterations: T.
 
-    Return value: ``True`` if this implementation wrote the extractor's weights, ``None`` or
-    ``False`` otherwise. The host re-initialises the extractor randomly (plain DM: a fresh random
-    network every iteration) only when no implementation returned ``True``. If several
-    implementations write weights, all are called in pluggy's order (last registered first) and
-    the one called last wins; registering two extractor updaters is almost always a mistake.
+    Return value: a network the *plugin owns* (built from its own weights; it may rewrite that
+    network in place from one iteration to the next), or ``None`` to leave the choice to the
+    loop. A provider never modifies a network of the loop or of the method (a fresh random
+    net, IDM's queue models, DANCE's experts). The returned network is in training mode with
+    ``requires_grad`` off for its parameters, on ``context.device`` in ``context.memory_format``.
+
+    At most one registered plugin may implement this hook: registering a second one is a
+    :class:`dm_plugins.PluginError` naming both (the marker is ``firstresult``; there is never a
+    second result to combine). With no provider, or when it returns ``None``, the loop's own
+    policy applies (DM: a fresh random network; IDM: a network from its queue; DANCE: an expert
+    mixed with its initialisation by a random ratio).
     """
 
 
 @hookspec
-def dm_select_real(label, real_features, syn_features, iteration, num_iterations):
+def dm_select_real(label: int, real_features: "torch.Tensor", syn_features: "torch.Tensor",
+                   iteration: int, num_iterations: int) -> "torch.Tensor | None":
     """Choose which real samples of one class the matching loss uses.
 
-    Called by the host once per class per iteration, after features are computed and before
-    the matching loss; reuse the features, do not run the extractor again.
+    Called once per class per iteration, after features are computed and before the matching
+    loss; reuse the features, never run the extractor again.
 
-    :param int label: the class c.
-    :param torch.Tensor real_features: (B, D) features of the class's (augmented) real batch,
-        computed without a graph.
-    :param torch.Tensor syn_features: (S, D) features of the class's (augmented, decoded)
-        synthetic images. They carry the images' graph: detach before using them.
-    :param int iteration: t.
-    :param int num_iterations: T.
+    :param label: the class c.
+    :param real_features: (B, D) features of the class's (augmented) real batch, no graph.
+    :param syn_features: (S, D) features of the class's (decoded, augmented) synthetic images.
+        They carry the images' graph: detach before using them.
+    :param iteration: t.
+    :param num_iterations: T.
 
-    Return value: a boolean keep-mask of shape (B,), or ``None`` to keep every sample.
-    The host ANDs the masks of all implementations. Each implementation must keep at least one
-    sample on its own; if the AND of several masks keeps nothing, the host falls back to the
-    whole batch (a mean over no samples is undefined).
+    Return value: a boolean keep-mask of shape (B,), or ``None`` to keep every sample. All
+    implementations are called; the masks are ANDed. Each implementation keeps at least one
+    sample on its own; if the AND of several masks keeps nothing, the whole batch is kept (a
+    mean over no samples is undefined).
     """
 
 
 @hookspec
-def dm_auxiliary_loss(syn_images, syn_labels, iteration, num_iterations):
-    """Return an extra loss on the synthetic images, added to the matching loss (Eq. 10).
+def dm_auxiliary_loss(syn_images: "torch.Tensor", syn_labels: "torch.Tensor", iteration: int,
+                      num_iterations: int) -> "dict[str, torch.Tensor] | None":
+    """Return extra losses on the synthetic images, added to the matching loss (Eq. 10).
 
-    Called by the host once per iteration, after the matching loss is built and before the
-    backward pass.
+    Called after the matching loss is built and before the backward pass: once per iteration
+    with every class's images, or once per class in a per-class loop (the losses are sums over
+    classes of per-class means, so the per-class calls add up to the single call).
 
-    :param torch.Tensor syn_images: (N, C, H, W) the synthetic images of this iteration in the
-        form the extractor saw them (decoded, normalised, augmented), carrying their graph to
-        the stored images.
-    :param torch.Tensor syn_labels: (N,) their class labels (long).
-    :param int iteration: t.
-    :param int num_iterations: T.
+    :param syn_images: (N, C, H, W) the synthetic images exactly as the extractor saw them in
+        this iteration: decoded (factorisation), normalised and augmented with the same draw as
+        the matching step, carrying their graph to the stored images.
+    :param syn_labels: (N,) their class labels (long).
+    :param iteration: t.
+    :param num_iterations: T.
 
-    Return value: a scalar tensor connected to ``syn_images``'s graph, or ``None`` for no loss
-    this iteration. The host sums the returned losses and adds the sum to the matching loss
-    with weight 1. A loss should be summed over classes like the DM loss (per-class means,
-    then a sum) so that its weight does not depend on how many classes a host batches together.
+    Return value: a dict of named scalar losses connected to ``syn_images``'s graph (e.g.
+    ``{"plm": loss}``), or ``None`` for none this iteration. All implementations are called;
+    the dicts are merged (a name returned by two plugins is a ``PluginError``) and the sum of
+    all values is added to the matching loss with weight 1. Names are logged as ``loss_<name>``.
+    Sum a loss over classes of per-class means, like the DM loss, so that its weight does not
+    depend on how many classes a loop batches together.
     """
 
 
 @hookspec
-def dm_teardown(context):
+def dm_teardown(context: "DistillContext") -> None:
     """Release what :func:`dm_setup` built.
 
-    Called once by the host after the last iteration (also when the run stops with an error).
+    Called once after the last iteration (also when the run stops with an error).
 
-    :param dm_plugins.context.DistillContext context: the same object passed to ``dm_setup``.
+    :param context: the object passed to ``dm_setup``.
 
     Return value: ignored. Every registered implementation is called.
     """

@@ -1,4 +1,4 @@
-"""The minimal DM loop: the reference host for the hooks (DESIGN.md 2.1).
+"""The minimal DM loop: the reference host for the hooks (``docs/methods.md#dm``).
 
 With no plugins it is exactly DM (Zhao & Bilen, 2023): every iteration a freshly initialised
 random network; per class the real batch and the synthetic images get the same (Siamese)
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .context import DistillContext
+from .experts import build_network
 from .data import ClassIndexedData
 from .manager import PluginSet
 from .seeding import derive_seed, make_generator, reinitialize_
@@ -86,6 +87,10 @@ class DMHost:
                              f"{self.num_classes} classes")
         self.ipc = syn_init.shape[0] // self.num_classes
         self.num_iterations = int(num_iterations)
+        for name, value in (("num_iterations", num_iterations), ("batch_real", batch_real),
+                            ("real_chunk", real_chunk)):
+            if int(value) < 1:
+                raise ValueError(f"DMHost: {name} must be >= 1, got {value}")
         self.plugins = plugins if plugins is not None else PluginSet()
         self.augment = augment
         self.decode = decode
@@ -97,21 +102,30 @@ class DMHost:
         self.syn_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.extractor = network_factory().to(self.device).train().requires_grad_(False)
+        self.extractor = build_network(network_factory).to(self.device).train().requires_grad_(False)
         self.extractor.to(memory_format=self.memory_format)
-        self.extra.setdefault("memory_format", "channels_last" if channels_last else "contiguous")
-        self._embed_real = torch.compile(self.extractor.embed) if compile_real else self.extractor.embed
+        self.compile_real = bool(compile_real)
+        self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
         self.iteration = 0
         self._set_up = False
 
     # -- pieces of one iteration ----------------------------------------------------------
     def prepare_extractor(self, t: int) -> nn.Module:
-        """Plugins may set the weights; otherwise a fresh random draw (plain DM)."""
+        """The extractor of iteration t: a plugin's (``ptm``), else DM's own policy, a fresh
+        random draw of the host's network seeded by (seed, t)."""
         self._ensure_setup()
-        if not self.plugins.update_extractor(self.extractor, t):
-            reinitialize_(self.extractor, derive_seed(self.seed, _NET_STREAM, t))
-        return self.extractor
+        return self.plugins.extractor(t, fallback=lambda: reinitialize_(
+            self.extractor, derive_seed(self.seed, _NET_STREAM, t)))
+
+    def _real_embedding(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``net.embed`` for the no-graph real forward, compiled once per network when
+        ``compile_real`` is on."""
+        if not self.compile_real:
+            return net.embed
+        if net not in self._compiled:
+            self._compiled[net] = torch.compile(net.embed)
+        return self._compiled[net]
 
     def real_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All classes' real batches of iteration t, concatenated, and their labels."""
@@ -138,8 +152,8 @@ class DMHost:
         real, real_labels = self.real_batch(t)
         with torch.no_grad():
             real_aug = self._augment(real, real_labels, t)
-            real_features = torch.cat([self._embed_real(chunk)
-                                       for chunk in real_aug.split(self.real_chunk)])
+            embed = self._real_embedding(net)
+            real_features = torch.cat([embed(chunk) for chunk in real_aug.split(self.real_chunk)])
         syn, syn_labels = self.synthetic_batch()
         syn_aug = self._augment(syn, syn_labels, t)
         syn_features = net.embed(syn_aug)
@@ -147,7 +161,8 @@ class DMHost:
         kept = real_labels
         kept_features = real_features
         if self.plugins.filters_real:
-            keep = self._keep_mask(real_features, real_labels, syn_features, syn_labels, t)
+            keep = self.plugins.batched_keep_mask(real_features, real_labels, syn_features,
+                                                  syn_labels, t)
             kept, kept_features = real_labels[keep], real_features[keep]
         real_mean = class_means(kept_features, kept, self.num_classes)
         syn_mean = class_means(syn_features, syn_labels, self.num_classes)
@@ -159,15 +174,6 @@ class DMHost:
                    **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
                    "real_kept": kept.numel() / max(real_labels.numel(), 1)}
         return total, metrics
-
-    def _keep_mask(self, real_features, real_labels, syn_features, syn_labels, t) -> torch.Tensor:
-        keep = torch.ones_like(real_labels, dtype=torch.bool)
-        for c in range(self.num_classes):
-            rows = (real_labels == c).nonzero(as_tuple=True)[0]
-            mask = self.plugins.keep_mask(c, real_features[rows], syn_features[syn_labels == c], t)
-            if mask is not None:
-                keep[rows] = mask.to(keep.device)
-        return keep
 
     def step(self, t: int | None = None) -> dict:
         """Run one iteration (default: the next one) and return its metrics."""
@@ -186,8 +192,9 @@ class DMHost:
     # -- the whole run --------------------------------------------------------------------
     def context(self) -> DistillContext:
         return DistillContext(num_classes=self.num_classes, ipc=self.ipc,
-                              num_iterations=self.num_iterations, extractor=self.extractor,
-                              real=self.real, device=self.device, seed=self.seed,
+                              num_iterations=self.num_iterations, real=self.real,
+                              extractor=self.extractor, device=self.device,
+                              memory_format=self.memory_format, seed=self.seed,
                               extra=self.extra)
 
     def _ensure_setup(self) -> None:

@@ -1,17 +1,19 @@
-"""Building a set of plugins from names, and the facade hosts call.
+"""Building a set of plugins from names, and the facade loops call.
 
-Hosts (the minimal loop, the adapters, or a foreign DM loop) talk to :class:`PluginSet`, never
-to pluggy directly; it owns the rules for combining several plugins' results (keep-masks ANDed,
-auxiliary losses summed, "did anyone set the extractor" ORed).
+Loops (the minimal host, the adapters, or a user's own DM/IDM/DANCE loop) talk to
+:class:`PluginSet`, never to pluggy directly. Hooks are called through pluggy's own call loop;
+the combination rules pluggy cannot express as markers live here: keep-masks ANDed, named
+auxiliary losses merged and summed, at most one extractor provider.
 """
 from __future__ import annotations
 
 import inspect
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import pluggy
 import torch
+from torch import nn
 
 from . import hookspecs
 from .context import DistillContext
@@ -21,11 +23,12 @@ ENTRY_POINT_GROUP = "dm_plugins"
 
 
 def builtin_plugins() -> dict[str, Callable[..., Any]]:
-    """The three PTLM plugins by CLI name."""
+    """The three PTLM plugins by name; each class states its own name (``cls.name``)."""
     from .capacity import CapacityMatching
     from .pseudo_label import PseudoLabelMatching
     from .trajectory import PseudoTrajectoryMatching
-    return {"cap": CapacityMatching, "ptm": PseudoTrajectoryMatching, "plm": PseudoLabelMatching}
+    return {cls.name: cls for cls in (CapacityMatching, PseudoTrajectoryMatching,
+                                      PseudoLabelMatching)}
 
 
 def available_plugins() -> dict[str, Callable[..., Any]]:
@@ -127,21 +130,29 @@ def make_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-class PluginSet:
-    """The plugins of one run and the host-side rules for combining them.
 
-    Typical glue inside a DM loop (see the README)::
+Fallback = Union[nn.Module, Callable[[], nn.Module], None]
+"""What :meth:`PluginSet.extractor` uses when no plugin provides the network: the loop's own
+network, or a zero-argument callable building it (called only when needed)."""
+
+
+class PluginSet:
+    """The plugins of one run and the loop-side rules for combining them.
+
+    Glue inside a per-class DM loop (the README has a runnable version)::
 
         plugins = PluginSet.from_names("cap,ptm,plm", experts=pool)
-        plugins.setup(DistillContext(num_classes=C, ipc=ipc, num_iterations=T,
-                                     extractor=net, real=real_data))
+        plugins.setup(num_classes=C, ipc=ipc, num_iterations=T, real=real_data)
         for t in range(T):
-            if not plugins.update_extractor(net, t):
-                reinitialise(net)                                    # plain DM
-            ...                                                      # features
-            mask = plugins.keep_mask(c, real_feat_c, syn_feat_c, t)  # per class, or None
-            loss = loss + plugins.auxiliary_loss(syn_images, syn_labels, t)
+            net = plugins.extractor(t, fallback=build_random_net)     # ptm, else your own
+            for c in range(C):
+                ...                                                   # augment, features
+                real_f = plugins.select_real(c, real_f, syn_f, t)     # cap
+                loss_c = match(real_f, syn_f) + plugins.auxiliary_loss(syn_aug_c, labels_c, t)
         plugins.teardown()
+
+    Every method validates its arguments and raises :class:`PluginError` with a one-line
+    message: iterations must lie in ``0 .. num_iterations - 1``.
     """
 
     def __init__(self, plugins: list[Any] | tuple[Any, ...] = ()):
@@ -167,7 +178,11 @@ class PluginSet:
         return plugins
 
     def register(self, plugin: Any, name: str | None = None) -> None:
-        """Add a plugin object. Registering the same object or name twice is an error."""
+        """Add a plugin object.
+
+        Registering the same object or name twice, or a second plugin that provides the
+        extractor, is a :class:`PluginError`.
+        """
         name = name or getattr(plugin, "name", None) or type(plugin).__name__
         if self.pm.is_registered(plugin):
             raise PluginError(f"plugin {name!r} is already registered; register it once")
@@ -178,6 +193,12 @@ class PluginSet:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {name!r} does not match the dm_plugins hook specs: "
                               f"{exc}") from None
+        providers = [impl.plugin_name for impl in self.pm.hook.dm_provide_extractor.get_hookimpls()]
+        if len(providers) > 1:
+            self.pm.unregister(plugin)
+            other = next(p for p in providers if p != name)
+            raise PluginError(f"plugins {other!r} and {name!r} both provide the feature "
+                              f"extractor; at most one plugin may (use one of them)")
         self.names.append(name)
 
     def plugins(self) -> list[Any]:
@@ -189,64 +210,113 @@ class PluginSet:
     def __repr__(self) -> str:
         return f"PluginSet({', '.join(self.names) or 'none'})"
 
-    # -- the calls a host makes -----------------------------------------------------------
+    @property
+    def provides_extractor(self) -> bool:
+        """True when a registered plugin implements ``dm_provide_extractor``."""
+        return bool(self.pm.hook.dm_provide_extractor.get_hookimpls())
+
+    @property
+    def filters_real(self) -> bool:
+        """True when some plugin implements ``dm_select_real`` (loops may skip mask work)."""
+        return bool(self.pm.hook.dm_select_real.get_hookimpls())
+
+    # -- the calls a loop makes ----------------------------------------------------------
     @property
     def num_iterations(self) -> int:
         if self.context is None:
-            raise RuntimeError("PluginSet.setup(context) must be called before the loop")
+            raise PluginError("PluginSet.setup(...) must be called before the loop")
         return self.context.num_iterations
+
+    def _check_iteration(self, iteration: int) -> int:
+        T = self.num_iterations
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 <= iteration < T:
+            raise PluginError(
+                f"iteration {iteration!r} is outside 0..{T - 1} (num_iterations={T}); number "
+                f"iterations from 0 and set num_iterations to how many your loop runs")
+        return iteration
 
     def setup(self, context: DistillContext | None = None, **fields) -> DistillContext:
         """Call ``dm_setup``. Pass a :class:`DistillContext` or its fields as keywords."""
+        if context is not None and fields:
+            raise PluginError("pass PluginSet.setup either a DistillContext or its fields, not both")
         self.context = context if context is not None else DistillContext(**fields)
         self.pm.hook.dm_setup(context=self.context)
         return self.context
 
-    def update_extractor(self, extractor: torch.nn.Module, iteration: int) -> bool:
-        """Call ``dm_update_extractor``; True if any plugin set the weights (the host then
-        skips its own random re-initialisation)."""
-        results = self.pm.hook.dm_update_extractor(
-            extractor=extractor, iteration=iteration, num_iterations=self.num_iterations)
-        return any(bool(r) for r in results)
-
-    @property
-    def filters_real(self) -> bool:
-        """True when some plugin implements ``dm_select_real`` (hosts may skip mask work)."""
-        return bool(self.pm.hook.dm_select_real.get_hookimpls())
+    def extractor(self, iteration: int, fallback: Fallback = None) -> nn.Module:
+        """The feature extractor for iteration t: the providing plugin's network, else
+        ``fallback`` (the loop's own network, or a callable building it, called only then).
+        """
+        t = self._check_iteration(iteration)
+        net = self.pm.hook.dm_provide_extractor(iteration=t, num_iterations=self.num_iterations)
+        if net is not None:
+            return net
+        if isinstance(fallback, nn.Module):
+            return fallback
+        if fallback is None:
+            raise PluginError("no plugin provides the extractor this iteration and no fallback "
+                              "was given: pass fallback=your_network (or a function building it)")
+        return fallback()
 
     def keep_mask(self, label: int, real_features: torch.Tensor, syn_features: torch.Tensor,
-                  iteration: int) -> torch.Tensor | None:
-        """Call ``dm_select_real`` and AND the masks; None when no plugin filters.
-
-        An empty AND falls back to keeping everything (see the hook spec).
-        """
+                  iteration: int) -> torch.Tensor:
+        """Call ``dm_select_real`` for one class and AND the masks: a (B,) bool mask, all True
+        when no plugin filters. An empty AND keeps everything (see the hook spec)."""
+        t = self._check_iteration(iteration)
+        _check_features(real_features, syn_features)
         masks = self.pm.hook.dm_select_real(
-            label=label, real_features=real_features, syn_features=syn_features,
-            iteration=iteration, num_iterations=self.num_iterations)
-        if not masks:
-            return None
-        keep = masks[0].bool()
-        for m in masks[1:]:
-            keep = keep & m.bool()
-        if not bool(keep.any()):
-            return torch.ones_like(keep)
+            label=int(label), real_features=real_features, syn_features=syn_features,
+            iteration=t, num_iterations=self.num_iterations)
+        keep = torch.ones(real_features.shape[0], dtype=torch.bool, device=real_features.device)
+        for m in masks:
+            keep = keep & m.to(keep.device).bool()
+        if masks and not bool(keep.any()):
+            keep = torch.ones_like(keep)
+        return keep
+
+    def select_real(self, label: int, real_features: torch.Tensor, syn_features: torch.Tensor,
+                    iteration: int) -> torch.Tensor:
+        """The real features of class ``label`` to match: the rows :meth:`keep_mask` keeps
+        (``real_features`` itself when no plugin filters)."""
+        if not self.filters_real:
+            self._check_iteration(iteration)
+            return real_features
+        return real_features[self.keep_mask(label, real_features, syn_features, iteration)]
+
+    def batched_keep_mask(self, real_features: torch.Tensor, real_labels: torch.Tensor,
+                          syn_features: torch.Tensor, syn_labels: torch.Tensor,
+                          iteration: int) -> torch.Tensor:
+        """:meth:`keep_mask` for a batch holding every class: a (B,) bool mask over
+        ``real_features``, each class's rows decided against that class's synthetic rows."""
+        keep = torch.ones_like(real_labels, dtype=torch.bool)
+        if not self.filters_real:
+            self._check_iteration(iteration)
+            return keep
+        for c in torch.unique(real_labels).tolist():
+            rows = (real_labels == c).nonzero(as_tuple=True)[0]
+            keep[rows] = self.keep_mask(c, real_features[rows], syn_features[syn_labels == c],
+                                        iteration).to(keep.device)
         return keep
 
     def auxiliary_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
                          iteration: int) -> dict[str, torch.Tensor]:
-        """Each plugin's ``dm_auxiliary_loss`` by plugin name (plugins returning None omitted).
-
-        Implementations are called one by one, in pluggy's order, so a host can log each
-        plugin's part; the combination rule (a sum) is :meth:`auxiliary_loss`.
-        """
-        kwargs = {"syn_images": syn_images, "syn_labels": syn_labels, "iteration": iteration,
-                  "num_iterations": self.num_iterations}
-        parts = {}
-        for impl in reversed(self.pm.hook.dm_auxiliary_loss.get_hookimpls()):
-            out = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            if out is not None:
-                parts[impl.plugin_name] = out
-        return parts
+        """The plugins' ``dm_auxiliary_loss`` results merged into one dict of named losses."""
+        t = self._check_iteration(iteration)
+        if syn_images.shape[0] != syn_labels.shape[0]:
+            raise PluginError(f"{syn_images.shape[0]} synthetic images but {syn_labels.shape[0]} "
+                              f"labels")
+        merged: dict[str, torch.Tensor] = {}
+        for result in self.pm.hook.dm_auxiliary_loss(
+                syn_images=syn_images, syn_labels=syn_labels, iteration=t,
+                num_iterations=self.num_iterations):
+            if not isinstance(result, dict):
+                raise PluginError(f"dm_auxiliary_loss must return a dict of named losses or "
+                                  f"None, got {type(result).__name__}")
+            for name, loss in result.items():
+                if name in merged:
+                    raise PluginError(f"two plugins return an auxiliary loss named {name!r}")
+                merged[name] = loss
+        return merged
 
     def auxiliary_loss(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
                        iteration: int) -> torch.Tensor | float:
@@ -259,3 +329,15 @@ class PluginSet:
         if self.context is not None:
             self.pm.hook.dm_teardown(context=self.context)
             self.context = None
+
+
+def _check_features(real_features: torch.Tensor, syn_features: torch.Tensor) -> None:
+    if real_features.ndim != 2 or syn_features.ndim != 2:
+        raise PluginError(f"features must be (batch, dim) tensors, got real "
+                          f"{tuple(real_features.shape)} and synthetic {tuple(syn_features.shape)};"
+                          f" flatten them first")
+    if real_features.shape[1] != syn_features.shape[1]:
+        raise PluginError(f"real features have {real_features.shape[1]} dimensions but "
+                          f"synthetic features {syn_features.shape[1]}")
+    if real_features.shape[0] == 0:
+        raise PluginError("a class's real batch is empty: there is nothing to match")

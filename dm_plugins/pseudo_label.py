@@ -52,22 +52,26 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch
     return (sums[present] / counts[present].to(sums)).sum()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compute_pseudo_labels(network: torch.nn.Module, real, num_classes: int, tau: float,
                           max_per_class: int, generator: torch.Generator,
-                          device: str | torch.device = "cpu", batch_size: int = 500
+                          device: str | torch.device = "cpu", batch_size: int = 128,
+                          memory_format: torch.memory_format = torch.contiguous_format
                           ) -> torch.Tensor:
     """Eq. 7-8 for every class: (K, K) sharpened pseudo-labels of a frozen expert.
 
     Args:
         real: class-indexed real data (normalised).
-        max_per_class: how many real images of each class the expert looks at.
+        max_per_class: how many real images of each class the expert looks at (all of them
+            when a class has fewer).
+        batch_size: images per forward; bounds memory, does not change the result.
     """
     rows = []
     for c in range(num_classes):
         images = real.sample(c, max_per_class, generator)
-        probs = torch.cat([F.softmax(network(images[i:i + batch_size].to(device)), dim=1)
-                           for i in range(0, images.shape[0], batch_size)])
+        probs = torch.cat([
+            F.softmax(network(chunk.to(device).contiguous(memory_format=memory_format)), dim=1)
+            for chunk in images.split(batch_size)])
         rows.append(class_average_prediction(probs.float(), c))
     return sharpen(torch.stack(rows), tau)
 
@@ -76,57 +80,83 @@ class PseudoLabelMatching:
     """Plugin ``plm``: the expert's predictions on synthetic images of class c are pulled
     toward the sharpened class-average prediction ``y_hat_c`` of that expert on real images of c.
 
-    The pseudo-labels depend only on the expert and the real data: they are computed once per
-    expert at setup (over up to ``max_real_per_class`` real images per class) and cached. Each
-    iteration uses the trained weights theta_star of ``experts.pick(t)`` (the expert PTM uses),
-    frozen, and returns :func:`pseudo_label_loss` on the host's synthetic images.
+    Each iteration uses the trained weights theta_star of ``experts.pick(t)`` (the expert PTM
+    uses), frozen, and returns ``{"plm": pseudo_label_loss(...)}`` on the synthetic images the
+    loop passes: the images exactly as the extractor saw them (decoded, normalised, augmented
+    with the matching step's draw), as the hook spec states.
+
+    The pseudo-labels depend only on the expert and the real data (``context.real``, required):
+    expert k's are computed once, over up to ``max_real_per_class`` real images of each class
+    drawn with a generator derived from (seed, k), and kept. By default that happens lazily, the
+    first time expert k is picked (``lazy=True``), so setup costs one small forward; with
+    ``lazy=False`` every expert's are computed in ``dm_setup``. Both give the same targets, and a
+    resumed run the same as an uninterrupted one.
 
     Args:
-        experts: an :class:`dm_plugins.experts.ExpertPool`.
+        experts: an :class:`dm_plugins.ExpertPool`.
         tau: sharpening temperature (paper default 0.1).
-        max_real_per_class: real images per class used for the pseudo-labels.
+        max_real_per_class: real images per class for each expert's pseudo-labels (default 500;
+            the cost of computing them is linear in it).
+        lazy: compute an expert's pseudo-labels at its first use instead of at setup.
     """
 
     name = "plm"
     needs_experts = True
 
-    def __init__(self, experts=None, tau: float = 0.1, max_real_per_class: int = 500):
+    def __init__(self, experts=None, tau: float = 0.1, max_real_per_class: int = 500,
+                 lazy: bool = True):
         if experts is None:
-            raise PluginError("plugin 'plm' needs an expert pool: pass experts=ExpertPool(...) "
-                              "(command line: --experts DIR, or let the script train them)")
-        if tau <= 0:
+            raise PluginError("plugin 'plm' needs an expert pool: pass experts=ExpertPool(...), "
+                              "e.g. from ExpertPool.load_or_train")
+        if not tau > 0:
             raise PluginError(f"plm's tau must be > 0, got {tau}")
+        if int(max_real_per_class) < 1:
+            raise PluginError(f"plm's max_real_per_class must be >= 1, got {max_real_per_class}")
         self.experts = experts
         self.tau = float(tau)
         self.max_real_per_class = int(max_real_per_class)
-        self.targets: torch.Tensor | None = None  # (num_experts, K, K)
-        self.memory_format = torch.contiguous_format
+        self.lazy = bool(lazy)
+        self.targets: dict[int, torch.Tensor] = {}  # expert index -> (K, K) sharpened targets
+        self.context = None
 
     @hookimpl
     def dm_setup(self, context):
-        device = torch.device(context.device)
-        if context.extra.get("memory_format") == "channels_last":  # follow the host's layout
-            self.memory_format = torch.channels_last
-        rows = []
-        for k in range(len(self.experts)):
-            network = self.experts.trained_network(k, device)
-            logits_dim = network(context.real.sample(0, 1, make_generator(0)).to(device)).shape[1]
-            if logits_dim != context.num_classes:
-                raise PluginError(f"plm: the experts predict {logits_dim} classes but the run has "
-                                  f"{context.num_classes}; use experts trained on this dataset")
-            rows.append(compute_pseudo_labels(
-                network, context.real, context.num_classes, self.tau, self.max_real_per_class,
-                make_generator(context.seed, _SAMPLE_STREAM, k), device))
-        self.targets = torch.stack(rows)
+        real = context.require("real", "plm", "real images to compute the pseudo-labels from")
+        self.context, self.targets = context, {}
+        network = self.experts.trained_network(0, context.device, context.memory_format)
+        probe = real.sample(0, 1, make_generator(0)).to(context.device)
+        with torch.inference_mode():
+            logits_dim = network(probe.contiguous(memory_format=context.memory_format)).shape[1]
+        if logits_dim != context.num_classes:
+            raise PluginError(f"plm: the experts predict {logits_dim} classes but the run has "
+                              f"{context.num_classes}; use experts trained on this dataset")
+        if not self.lazy:
+            for k in range(len(self.experts)):
+                self.pseudo_labels(k)
+
+    def pseudo_labels(self, k: int) -> torch.Tensor:
+        """(K, K) sharpened pseudo-labels of expert k (Eq. 7-8), computed once and kept."""
+        if k not in self.targets:
+            if self.context is None:
+                raise PluginError("plm: dm_setup was not called (call PluginSet.setup first)")
+            ctx = self.context
+            self.targets[k] = compute_pseudo_labels(
+                self.experts.trained_network(k, ctx.device, ctx.memory_format), ctx.real,
+                ctx.num_classes, self.tau, self.max_real_per_class,
+                make_generator(ctx.seed, _SAMPLE_STREAM, k), ctx.device,
+                memory_format=ctx.memory_format)
+        return self.targets[k]
 
     @hookimpl
     def dm_auxiliary_loss(self, syn_images, syn_labels, iteration):
-        if self.targets is None:
-            raise RuntimeError("PseudoLabelMatching.dm_setup was not called")
         k = self.experts.pick(iteration)
-        network = self.experts.trained_network(k, syn_images.device, self.memory_format)
-        targets = self.targets[k].to(syn_images.device)
-        return pseudo_label_loss(network(syn_images), syn_labels, targets)
+        targets = self.pseudo_labels(k).to(syn_images.device)
+        network = self.experts.trained_network(k, syn_images.device, self.context.memory_format)
+        return {"plm": pseudo_label_loss(network(syn_images), syn_labels, targets)}
+
+    @hookimpl
+    def dm_teardown(self):
+        self.context = None
 
     def __repr__(self) -> str:
         return f"PseudoLabelMatching(tau={self.tau}, experts={len(self.experts)})"

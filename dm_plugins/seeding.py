@@ -6,6 +6,10 @@ generator state along) makes a resumed run draw exactly what an uninterrupted on
 """
 from __future__ import annotations
 
+import contextlib
+import random
+from typing import Iterator
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -36,16 +40,50 @@ def make_generator(*parts: int, device: str | torch.device = "cpu") -> torch.Gen
     return g
 
 
+@contextlib.contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Restore every global RNG a network factory might touch on exit: torch's CPU generator,
+    the CUDA generators (when CUDA is initialised), Python's ``random`` and NumPy's legacy global
+    state. Library calls that build networks run inside it, so a caller's RNG stream is the same
+    whether or not the library was called, even when a factory reseeds the global RNG itself."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    py_state = random.getstate()
+    try:
+        import numpy
+        np_state = numpy.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a declared dependency
+        numpy = np_state = None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(py_state)
+        if numpy is not None:
+            numpy.random.set_state(np_state)
+
+
+def seed_global_rng(seed: int, cuda: bool = False) -> None:
+    """Seed torch's global CPU generator (and the CUDA ones when ``cuda``). Unlike
+    ``torch.manual_seed`` it never queues a seed for a CUDA context that is not initialised."""
+    torch.random.default_generator.manual_seed(seed)
+    if cuda:
+        torch.cuda.manual_seed_all(seed)
+
+
 def reinitialize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Re-draw a network's weights in place, as a freshly constructed one would draw them.
 
-    Calls ``reset_parameters()`` on every submodule that has it, with the global CPU RNG forked
-    and seeded by ``seed`` (PyTorch's default initialisers take no generator argument), so the
-    caller's RNG state is untouched and the same seed gives the same weights.
+    Calls ``reset_parameters()`` on every submodule that has it, with the global RNG seeded by
+    ``seed`` inside :func:`preserved_global_rng` (PyTorch's default initialisers take no
+    generator argument), so the caller's RNG state is untouched and the same seed gives the
+    same weights.
     """
-    devices = [module_device] if (module_device := _cuda_device(module)) is not None else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with preserved_global_rng():
+        seed_global_rng(seed, cuda=_cuda_device(module) is not None)
         for m in module.modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):

@@ -28,14 +28,17 @@ class PseudoTrajectoryMatching:
     """Plugin ``ptm``: the extractor moves from an expert's initial weights toward its trained
     weights as t/T grows (Eq. 5), instead of being a fresh random network every iteration.
 
-    Each iteration uses the expert ``experts.pick(t)`` (the same one PLM uses) and sets the
-    extractor's parameters to ``r * theta_star + (1 - r) * theta_init`` with
-    ``r = (t / lambda) / T``. The matching loss itself (Eq. 6) is the host's ordinary DM loss.
-    Parameters only are interpolated (instance/group norm has no running buffers). Weights come
-    from the pool's in-memory cache; nothing is read from disk inside the loop.
+    It *provides* the extractor (hook ``dm_provide_extractor``): a network of the experts'
+    architecture that this plugin owns, built once at setup on the loop's device and memory
+    format. Each iteration it writes ``r * theta_star + (1 - r) * theta_init`` of expert
+    ``experts.pick(t)`` (the expert PLM uses) into that network's parameters, with
+    ``r = (t / lambda) / T``, and returns it. It never touches a network of the loop or the
+    method. The matching loss (Eq. 6) is the loop's ordinary DM loss. Only parameters are
+    interpolated (instance/group norm has no running buffers); weights come from the pool's
+    in-memory cache, nothing is read from disk inside the loop.
 
     Args:
-        experts: an :class:`dm_plugins.experts.ExpertPool`.
+        experts: an :class:`dm_plugins.ExpertPool`.
         lam: lambda >= 1 (paper default 1); larger lambda injects less (lambda = 10 caps r at 0.1).
     """
 
@@ -44,42 +47,40 @@ class PseudoTrajectoryMatching:
 
     def __init__(self, experts=None, lam: float = 1.0):
         if experts is None:
-            raise PluginError("plugin 'ptm' needs an expert pool: pass experts=ExpertPool(...) "
-                              "(command line: --experts DIR, or let the script train them)")
-        if lam < 1:
+            raise PluginError("plugin 'ptm' needs an expert pool: pass experts=ExpertPool(...), "
+                              "e.g. from ExpertPool.load_or_train")
+        if not lam >= 1:
             raise PluginError(f"ptm's lambda must be >= 1, got {lam}")
         self.experts = experts
         self.lam = float(lam)
-        self._device = torch.device("cpu")
-        self._bound: tuple[nn.Module, list[torch.Tensor]] | None = None
+        self.network: nn.Module | None = None
+        self._params: list[torch.Tensor] = []
 
     @hookimpl
     def dm_setup(self, context):
-        try:
-            self.experts.check_compatible(context.extractor)
-        except ExpertError as exc:
-            raise PluginError(f"ptm: {exc}") from None
-        self._device = torch.device(context.device)
+        if context.extractor is not None:
+            try:
+                self.experts.check_compatible(context.extractor)
+            except ExpertError as exc:
+                raise PluginError(f"ptm: {exc}") from None
+        self.network = self.experts.network(context.device, context.memory_format)
+        self._params = list(self.network.parameters())
         for k in range(len(self.experts)):  # move every expert's weights once, up front
-            self.experts.parameter_pair(k, self._device)
-
-    def _params_of(self, extractor: nn.Module) -> list[torch.Tensor]:
-        if self._bound is None or self._bound[0] is not extractor:
-            self._bound = (extractor, [p for _, p in extractor.named_parameters()])
-        return self._bound[1]
+            self.experts.parameter_pair(k, context.device)
 
     @hookimpl
-    def dm_update_extractor(self, extractor, iteration, num_iterations):
-        params = self._params_of(extractor)
+    def dm_provide_extractor(self, iteration, num_iterations):
+        if self.network is None:
+            raise PluginError("ptm: dm_setup was not called (call PluginSet.setup first)")
         theta_init, theta_star = self.experts.parameter_pair(self.experts.pick(iteration),
-                                                              params[0].device)
-        interpolate_parameters_(params, theta_init, theta_star,
+                                                              self._params[0].device)
+        interpolate_parameters_(self._params, theta_init, theta_star,
                                 injection_ratio(iteration, num_iterations, self.lam))
-        return True
+        return self.network
 
     @hookimpl
     def dm_teardown(self):
-        self._bound = None
+        self.network, self._params = None, []
 
     def __repr__(self) -> str:
         return f"PseudoTrajectoryMatching(lam={self.lam}, experts={len(self.experts)})"

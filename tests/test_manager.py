@@ -96,7 +96,7 @@ def _counting(cls, method, calls, key):
 
 
 HOOKS = {"cap": (CapacityMatching, "dm_select_real"),
-         "ptm": (PseudoTrajectoryMatching, "dm_update_extractor"),
+         "ptm": (PseudoTrajectoryMatching, "dm_provide_extractor"),
          "plm": (PseudoLabelMatching, "dm_auxiliary_loss")}
 
 

@@ -24,30 +24,47 @@ def test_interpolation_formula():
 
 
 @pytest.mark.parametrize("t,lam", [(0, 1), (5, 1), (9, 1), (9, 10), (4, 2.5)])
-def test_plugin_writes_eq5_weights_of_the_picked_expert(pool, toy, tiny_factory, t, lam):
-    net = tiny_factory().requires_grad_(False)
+def test_plugin_provides_eq5_weights_of_the_picked_expert(pool, toy, tiny_factory, t, lam):
+    own = tiny_factory().requires_grad_(False)
+    before = [p.clone() for p in own.parameters()]
     plugins = PluginSet([PseudoTrajectoryMatching(pool, lam=lam)])
-    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, extractor=net, real=toy))
-    assert plugins.update_extractor(net, t) is True
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, extractor=own, real=toy))
+    net = plugins.extractor(t, fallback=own)
+    assert net is not own                                   # a network the plugin owns
+    assert all(torch.equal(a, b) for a, b in zip(before, own.parameters()))
+    assert net.training and not any(p.requires_grad for p in net.parameters())
     k = pool.pick(t)
     r = (t / lam) / 10
     expert = pool.experts[k]
+    # hand computation, independent of the plugin's fused ops
     for name, p in net.named_parameters():
         expected = r * expert.trained_state[name] + (1 - r) * expert.init_state[name]
         torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_interpolation_does_not_compound(pool, toy, tiny_factory):
-    net = tiny_factory().requires_grad_(False)
-    plugin = PseudoTrajectoryMatching(pool)
-    plugins = PluginSet([plugin])
-    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, extractor=net, real=toy))
-    plugins.update_extractor(net, 7)
-    first = [p.clone() for p in net.parameters()]
-    plugins.update_extractor(net, 3)
-    plugins.update_extractor(net, 7)
-    for a, b in zip(first, net.parameters()):
+def test_interpolation_does_not_compound(pool, toy):
+    plugins = PluginSet([PseudoTrajectoryMatching(pool)])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, real=toy))
+    first = [p.clone() for p in plugins.extractor(7).parameters()]
+    plugins.extractor(3)
+    again = plugins.extractor(7)
+    for a, b in zip(first, again.parameters()):
         assert torch.equal(a, b)
+
+
+def test_ptm_leaves_the_experts_bit_identical(pool, toy):
+    snapshot = [{n: t.clone() for n, t in e.trained_state.items()} for e in pool.experts]
+    inits = [{n: t.clone() for n, t in e.init_state.items()} for e in pool.experts]
+    plugins = PluginSet([PseudoTrajectoryMatching(pool)])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, real=toy))
+    for t in range(10):
+        net = plugins.extractor(t)
+        net.embed(torch.randn(2, 1, 8, 8)).sum()
+    for k, e in enumerate(pool.experts):
+        assert all(torch.equal(snapshot[k][n], e.trained_state[n]) for n in snapshot[k])
+        assert all(torch.equal(inits[k][n], e.init_state[n]) for n in inits[k])
+    frozen = pool.trained_network(0)
+    assert all(torch.equal(frozen.state_dict()[n], snapshot[0][n]) for n in snapshot[0])
 
 
 def test_needs_experts_and_valid_lambda(pool):
