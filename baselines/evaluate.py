@@ -6,10 +6,10 @@ Usage (from the repo root)::
 
 Loads the set (pixel space), normalises it with the set's own mean/std, decodes factorised sets
 (IDC multi-formation, ``meta["factor"] > 1``), evaluates each architecture with the protocol of
-DESIGN.md 2.10 (final-epoch accuracy, never a checkpoint picked by test accuracy), prints a table
-and writes ``evaluation.json`` next to the set (results of other architectures already in that
-file are kept; an architecture evaluated again is replaced). Errors print one line on stderr and
-exit with status 2.
+docs/methods.md#evaluation-protocol (final-epoch accuracy, never a checkpoint picked by test
+accuracy), prints a table and writes ``evaluation.json`` next to the set (results of other
+architectures already in that file are kept; an architecture evaluated again is replaced).
+Errors print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
 

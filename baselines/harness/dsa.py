@@ -3,7 +3,8 @@
 Source: Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation", ICML 2021,
 with the parameters and the single-op ("S") mode that the DM code (Zhao & Bilen, WACV/CVPR 2023)
 uses: strategy ``color_crop_cutout_flip_scale_rotate``, one op of the strategy picked per call
-("color" counts as one op = brightness, then saturation, then contrast). DESIGN.md section 2.9.
+("color" counts as one op = brightness, then saturation, then contrast). See
+docs/methods.md#dsa.
 
 Differences from the reference code, all deliberate:
 
@@ -36,7 +37,7 @@ OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
 class DSA:
-    """DSA augmenter with the exact DM/DSA parameters (DESIGN.md 2.9).
+    """DSA augmenter with the exact DM/DSA parameters (docs/methods.md#dsa).
 
     Args:
         strategy: ops joined by ``_``, from :data:`OPS`; also accepted as single ops:

@@ -1,7 +1,7 @@
 """Evaluation protocol: train fresh networks on a synthetic set, test on the real test set.
 
-DESIGN.md section 2.10. DM protocol (Zhao & Bilen, CVPR 2023, ``evaluate_synset`` in the DM/DSA
-code): SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 1000 epochs, lr x0.1 at half,
+See docs/methods.md#evaluation-protocol. DM protocol (Zhao & Bilen, CVPR 2023,
+``evaluate_synset`` in the DM/DSA code): SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 1000 epochs, lr x0.1 at half,
 per-image DSA on every batch. DANCE/IDC-style protocol: the same plus CutMix with probability 0.5
 (IDC, Kim et al. ICML 2022: DSA first, then CutMix with lambda ~ Beta(1, 1), loss mixed by the
 pasted-area ratio).

@@ -1,8 +1,8 @@
 """IDC multi-formation: each stored image holds a ``factor x factor`` mosaic of sub-images.
 
 Source: Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization" (IDC),
-ICML 2022, "multi-formation"; DESIGN.md section 2.8. The storage budget stays IPC images per
-class; matching and evaluation use the decoded ``IPC * factor**2`` images per class.
+ICML 2022, "multi-formation"; see docs/methods.md#factorisation. The storage budget stays IPC
+images per class; matching and evaluation use the decoded ``IPC * factor**2`` images per class.
 
 Cell layout (shared by :func:`mosaic_init` and :func:`decode`): the H x W canvas is cut at the
 integer edges ``round(linspace(0, H, f + 1))`` (rows) and ``round(linspace(0, W, f + 1))``
