@@ -21,11 +21,4 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={"dev": ["pytest>=7"]},
-    entry_points={
-        "dm_plugins": [
-            "cap = dm_plugins.capacity:CapacityMatching",
-            "ptm = dm_plugins.trajectory:PseudoTrajectoryMatching",
-            "plm = dm_plugins.pseudo_label:PseudoLabelMatching",
-        ],
-    },
 )

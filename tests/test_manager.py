@@ -117,3 +117,102 @@ def test_toggling_runs_exactly_the_chosen_hooks(subset, pool, toy, tiny_factory,
     if "ptm" in subset:
         assert calls["ptm"] == 2
     assert ("loss_plm" in metrics[-1]) == ("plm" in subset)
+
+
+# -- contract v2: combination rules and argument validation --------------------------------
+from dm_plugins import DistillContext, hookimpl  # noqa: E402
+
+
+class OwnNet:
+    name = "ownnet"
+
+    def __init__(self, net):
+        self.net = net
+
+    @hookimpl
+    def dm_provide_extractor(self, iteration):
+        return self.net
+
+
+class ConstantLoss:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    @hookimpl
+    def dm_auxiliary_loss(self, syn_images):
+        return {self.name: self.value * syn_images.sum()}
+
+
+def test_a_second_extractor_provider_is_refused_naming_both(pool):
+    plugins = PluginSet.from_names("ptm", experts=pool)
+    with pytest.raises(PluginError, match="'ptm' and 'ownnet' both provide"):
+        plugins.register(OwnNet(torch.nn.Linear(1, 1)))
+    assert plugins.names == ["ptm"]                 # the refused plugin is not half-registered
+
+
+def test_extractor_uses_the_provider_else_the_fallback():
+    own, fresh = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    plugins = PluginSet()
+    plugins.setup(num_classes=2, ipc=1, num_iterations=3)
+    assert plugins.extractor(0, fallback=own) is own
+    assert plugins.extractor(1, fallback=lambda: fresh) is fresh
+    with pytest.raises(PluginError, match="fallback"):
+        plugins.extractor(2)
+    provided = PluginSet([OwnNet(own)])
+    provided.setup(num_classes=2, ipc=1, num_iterations=3)
+    built = []
+    assert provided.extractor(0, fallback=lambda: built.append(1)) is own
+    assert built == []                              # the fallback is not even built
+
+
+def test_auxiliary_losses_of_two_plugins_are_summed_by_name():
+    plugins = PluginSet([ConstantLoss("a", 2.0), ConstantLoss("b", 3.0)])
+    plugins.setup(num_classes=1, ipc=1, num_iterations=2)
+    x = torch.ones(2, 1, 1, 1)
+    parts = plugins.auxiliary_losses(x, torch.zeros(2, dtype=torch.long), 0)
+    assert {k: float(v) for k, v in parts.items()} == {"a": 4.0, "b": 6.0}
+    assert float(plugins.auxiliary_loss(x, torch.zeros(2, dtype=torch.long), 0)) == 10.0
+    twice = PluginSet([ConstantLoss("a", 1.0)])
+    twice.register(ConstantLoss("a", 1.0), name="other")
+    twice.setup(num_classes=1, ipc=1, num_iterations=2)
+    with pytest.raises(PluginError, match="named 'a'"):
+        twice.auxiliary_loss(x, torch.zeros(2, dtype=torch.long), 0)
+
+
+def test_iterations_and_features_are_validated_in_the_librarys_terms():
+    plugins = PluginSet([CapacityMatching()])
+    with pytest.raises(PluginError, match="setup"):
+        plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), 0)
+    plugins.setup(num_classes=1, ipc=1, num_iterations=5)
+    for bad in (5, -1, 2.0, True):
+        with pytest.raises(PluginError, match=r"outside 0\.\.4") as info:
+            plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), bad)
+        assert "--" not in str(info.value)          # no command-line vocabulary
+    with pytest.raises(PluginError, match="dimensions"):
+        plugins.keep_mask(0, torch.ones(2, 3), torch.ones(1, 2), 0)
+    with pytest.raises(PluginError, match="empty"):
+        plugins.select_real(0, torch.ones(0, 2), torch.ones(1, 2), 0)
+
+
+def test_keep_mask_is_always_a_mask_and_select_real_always_returns_features():
+    plugins = PluginSet()
+    plugins.setup(num_classes=1, ipc=1, num_iterations=2)
+    real = torch.randn(4, 3)
+    assert plugins.keep_mask(0, real, real[:1], 1).tolist() == [True] * 4
+    assert plugins.select_real(0, real, real[:1], 1) is real
+
+
+def test_context_fields_are_optional_but_validated(pool, toy):
+    assert DistillContext(num_classes=2, ipc=1, num_iterations=3).real is None
+    with pytest.raises(PluginError, match="num_classes"):
+        DistillContext(num_classes=0, ipc=1, num_iterations=3)
+    with pytest.raises(PluginError, match="DistillContext.real"):
+        PluginSet.from_names("plm", experts=pool).setup(num_classes=3, ipc=1, num_iterations=3)
+    PluginSet.from_names("cap,ptm", experts=pool).setup(num_classes=3, ipc=1, num_iterations=3)
+
+
+def test_built_in_names_are_stated_once_by_the_classes():
+    from dm_plugins.manager import builtin_plugins
+    assert builtin_plugins() == {"cap": CapacityMatching, "ptm": PseudoTrajectoryMatching,
+                                 "plm": PseudoLabelMatching}
+    assert [cls.needs_experts for cls in builtin_plugins().values()] == [False, True, True]

@@ -87,3 +87,12 @@ def test_plugin_uses_the_picked_expert_and_cached_targets(pool, toy, tiny_factor
     loss.backward()
     assert syn.grad is not None and syn.grad.abs().sum() > 0
     assert all(p.grad is None for p in pool.trained_network(k).parameters())
+
+
+def test_lazy_and_eager_pseudo_labels_agree(pool, toy):
+    lazy, eager = PseudoLabelMatching(pool), PseudoLabelMatching(pool, lazy=False)
+    for plm in (lazy, eager):
+        PluginSet([plm]).setup(DistillContext(num_classes=3, ipc=2, num_iterations=10, real=toy))
+    assert set(eager.targets) == {0, 1} and lazy.targets == {}
+    for k in range(2):
+        assert torch.equal(lazy.pseudo_labels(k), eager.targets[k])

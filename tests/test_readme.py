@@ -14,7 +14,8 @@ def _block_after(marker: str) -> str:
     return match.group(1)
 
 
-def test_glue_example_runs(capsys):
+def test_glue_example_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                 # the example caches its experts in ./experts-demo
     namespace = {}
     exec(compile(_block_after("<!-- glue-example -->"), "README glue example", "exec"), namespace)
     out = capsys.readouterr().out
@@ -22,6 +23,15 @@ def test_glue_example_runs(capsys):
     assert torch.isfinite(torch.tensor(float(out.split()[-1])))
     assert namespace["plugins"].names == ["cap", "ptm", "plm"]
     assert namespace["syn"].grad is not None
+    assert (tmp_path / "experts-demo" / "manifest.json").is_file()
+
+
+def test_glue_is_at_most_ten_lines():
+    code = _block_after("<!-- glue-example -->")
+    glue = [line for line in code.splitlines() if "# +" in line]
+    continued = sum(1 for a, b in zip(code.splitlines(), code.splitlines()[1:])
+                    if "# +" in b and a.rstrip().endswith(",") and "# +" not in a)
+    assert 0 < len(glue) + continued <= 10
 
 
 def test_ci_runs_the_readme_commands():
