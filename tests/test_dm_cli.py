@@ -39,7 +39,10 @@ def test_every_plugin_subset_runs_and_writes_a_run_directory(spec, tmp_path, cap
     config = json.loads((out / "config.json").read_text())
     plugins = [] if spec == "none" else spec.split(",")
     assert config["plugins"] == plugins and config["seed"] == 0
-    assert config["factor"] == (2 if plugins else 1)
+    # defaults belong to the method (or a preset), not to which plugins are on
+    assert config["preset"] == "dm" and config["factor"] == 1 and config["lr_img"] == 1.0
+    assert config["sources"]["factor"] == config["sources"]["lr_img"] == "method dm"
+    assert config["sources"]["plugins"] == "command line"
     assert "torch" in config["environment"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1, 2]
@@ -163,3 +166,95 @@ def test_random_coreset_writes_an_evaluable_set(tmp_path):
     assert synset.images.shape == (30, 1, 32, 32)
     assert synset.meta["method"] == "coreset-random"
     assert synset.labels.tolist() == [c for c in range(10) for _ in range(3)]
+
+
+# -- presets and defaults -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    from baselines.harness.datasets import load_dataset
+    return load_dataset("digits")
+
+
+def _resolve(argv, dataset):
+    from baselines.harness.driver import parse_args
+    args, explicit = parse_args(dm.SPEC, argv)
+    return dm.resolve_config(args, dataset, explicit)
+
+
+def _mean_var(dataset):
+    return sum(s * s for s in dataset.std) / len(dataset.std)
+
+
+@pytest.mark.parametrize("preset", ["dm", "ptlm"])
+@pytest.mark.parametrize("ipc", [1, 10, 100])
+def test_plugins_do_not_change_factor_or_image_lr(digits, preset, ipc):
+    resolved = {spec: _resolve(["--preset", preset, "--ipc", str(ipc), "--plugins", spec], digits)
+                for spec in ("none", "cap", "cap,ptm,plm")}
+    assert len({(c["factor"], c["lr_img"], c["momentum"]) for c in resolved.values()}) == 1
+    config = resolved["none"]
+    if preset == "dm":
+        assert config["factor"] == 1 and config["lr_img"] == (10.0 if ipc >= 100 else 1.0)
+    else:
+        assert config["factor"] == 2
+        assert config["lr_img"] == pytest.approx(0.01 * ipc / _mean_var(digits))
+    for c in resolved.values():
+        assert c["preset"] == preset and c["sources"]["plugins"] == "command line"
+
+
+def test_ptlm_preset_turns_the_plugins_on_unless_given(digits):
+    ptlm = _resolve(["--preset", "ptlm"], digits)
+    assert ptlm["plugins"] == ["cap", "ptm", "plm"]
+    assert {k: ptlm["sources"][k] for k in ("plugins", "factor", "lr_img")} == dict.fromkeys(
+        ("plugins", "factor", "lr_img"), "preset ptlm")
+    control = _resolve(["--preset", "ptlm", "--plugins", "none"], digits)
+    assert control["plugins"] == [] and control["sources"]["plugins"] == "command line"
+    assert (control["factor"], control["lr_img"]) == (ptlm["factor"], ptlm["lr_img"])
+    plain = _resolve([], digits)
+    assert plain["plugins"] == [] and plain["sources"]["plugins"] == "method dm"
+
+
+def test_default_precedence_and_sources(digits):
+    from types import SimpleNamespace
+    # the embedded budget on digits, the method defaults elsewhere
+    small = _resolve([], digits)
+    cifar = SimpleNamespace(name="cifar10", std=(0.2023, 0.1994, 0.2010))
+    full = _resolve(["--dataset", "cifar10"], cifar)
+    budget = {"iterations": (100, 20000), "batch_real": (64, 256), "eval_runs": (1, 5),
+              "eval_epochs": (300, 1000), "num_experts": (2, 5), "expert_epochs": (15, 70)}
+    for key, (embedded, method) in budget.items():
+        assert (small[key], small["sources"][key]) == (embedded, "embedded dataset"), key
+        assert (full[key], full["sources"][key]) == (method, "method dm"), key
+    assert (full["momentum"], full["sources"]["momentum"]) == (0.5, "method dm")
+    assert full["sources"]["dataset"] == "command line"
+    # command line > preset > embedded > method, even when the value equals the default
+    given = _resolve(["--preset", "ptlm", "--factor", "3", "--lr-img", "0.5", "--iterations",
+                      "7", "--seed", "0"], digits)
+    assert (given["factor"], given["lr_img"], given["iterations"]) == (3, 0.5, 7)
+    for key in ("factor", "lr_img", "iterations", "seed"):
+        assert given["sources"][key] == "command line", key
+    assert given["sources"]["batch_real"] == "embedded dataset"
+    # every recorded setting says where it came from
+    settings = set(small) - {"method", "preset", "sources"}
+    assert set(small["sources"]) == settings
+    assert set(small["sources"].values()) <= {"command line", "embedded dataset", "method dm"}
+
+
+def test_help_states_each_default_once():
+    import re
+    text = dm.build_parser().format_help()
+    assert "--preset" in text and "[embedded]" in text
+    assert not [line for line in text.splitlines() if "default: None" in line]
+    options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    for option in options:
+        assert option.count("(default") <= 1, option
+
+
+def test_preset_is_named_in_the_default_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = TINY + ["--preset", "ptlm", "--plugins", "none", "--eval-runs", "0"]
+    assert dm.main(args) == 0
+    assert dm.main(args) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["dm-ptlm-digits-ipc1-none-s0", "dm-ptlm-digits-ipc1-none-s0-2"]
+    config = json.loads((tmp_path / "runs" / runs[0] / "config.json").read_text())
+    assert (config["preset"], config["plugins"], config["factor"]) == ("ptlm", [], 2)

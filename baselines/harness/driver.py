@@ -1,0 +1,469 @@
+"""The run driver every distillation command line calls (``baselines/dm.py`` and its siblings).
+
+A command line is a :class:`MethodSpec`: the method's name and description, its default
+hyperparameters, optional presets, optional extra arguments, and a ``build_host`` function that
+turns the resolved settings into a host (the object that runs the distillation loop, e.g.
+:class:`dm_plugins.DMHost`). ``main(spec, argv)`` does everything else:
+
+* the command line shared by every method (dataset, IPC, plugins, experts, evaluation, ...);
+* default resolution with provenance: command line > preset > embedded-dataset budget >
+  method default; ``config.json`` records every value and where it came from (``sources``);
+* the run directory (``baselines/harness/runs.py``): create, or ``--resume`` (config.json wins);
+* experts, trained or loaded through the cache, when a chosen plugin declares it needs them;
+* the :class:`dm_plugins.PluginSet`, checkpoints, ``metrics.jsonl``, ``run.log``;
+* ``synthetic.pt`` / ``grid.png``, the evaluation and ``results.json``;
+* errors: one line ``error: ...`` and exit code 2 for user errors, exit code 130 on Ctrl-C
+  (the last checkpoint is kept).
+
+The host contract the driver relies on (see :class:`Host`): ``host.run(callback=fn,
+progress=bool)`` runs from ``host.iteration`` to the end calling ``fn(t, metrics)`` after each
+iteration and returns the stored synthetic images; ``host.state_dict()`` /
+``host.load_state_dict(state)`` for checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from dm_plugins import PluginSet
+
+    from .datasets import Dataset
+
+EMBEDDED = "digits"
+"""The dataset shipped with the code (offline); it gets :data:`EMBEDDED_BUDGET`."""
+
+EMBEDDED_BUDGET: Mapping[str, Any] = {
+    "iterations": 100, "batch_real": 64, "eval_runs": 1, "eval_epochs": 300,
+    "num_experts": 2, "expert_epochs": 15,
+}
+"""A smaller budget on the embedded set, so a run takes minutes on a CPU ([embedded] in --help)."""
+
+LAYERED = ("iterations", "plugins", "factor", "lr_img", "momentum", "batch_real",
+           "num_experts", "expert_epochs", "eval_runs", "eval_epochs")
+"""Shared hyperparameters whose default belongs to the method (or a preset): every
+:attr:`MethodSpec.defaults` defines them all; on the command line their default is "resolve"."""
+
+COMMAND_LINE = "command line"
+EMBEDDED_SOURCE = "embedded dataset"
+
+# argparse destinations that are not settings (or are recorded under another name)
+_NOT_SETTINGS = ("out", "resume", "no_progress", "preset")
+_CONFIG_KEY = {"no_dsa": "dsa"}
+
+
+class Host(Protocol):
+    """What the driver needs from a method's host (:class:`dm_plugins.DMHost` satisfies it)."""
+
+    iteration: int
+
+    def run(self, callback: Callable[[int, dict], None] | None = None,
+            progress: bool = True) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+BuildHost = Callable[["Dataset", Callable[[], "nn.Module"], torch.Tensor, "PluginSet", dict,
+                      torch.device, bool], Host]
+"""``build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last)``:
+``syn_init`` are the stored synthetic images (normalised, sorted by class, factorised when
+``config["factor"] > 1``); ``config`` is the resolved config (config.json)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A default computed from the dataset and the other settings: ``fn(dataset, settings)``,
+    where ``settings`` holds every value that is not itself a Rule, by argparse dest (``ipc``,
+    ``factor``, ``no_dsa``, ...). ``text`` is how ``--help`` states it."""
+
+    fn: Callable[["Dataset", dict], Any]
+    text: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Named defaults that take precedence over the method's and the embedded budget's (the
+    command line still wins). ``values`` maps setting names to constants or :class:`Rule`."""
+
+    description: str
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One distillation method's command line.
+
+    Attributes:
+        name: ``config["method"]``, the run-directory prefix, the synthetic set's ``method``,
+            and the name of the preset that means "the method's own defaults".
+        description: the ``--help`` description.
+        defaults: the method's defaults (constants or :class:`Rule`); must define every name
+            in :data:`LAYERED`, may define any other setting (its parser default then loses).
+        build_host: see :data:`BuildHost`.
+        add_arguments: ``fn(parser)`` adding the method's own arguments; their values land in
+            config.json under their argparse ``dest`` (and in ``sources``).
+        presets: extra presets by name (``--preset NAME``); the method's own name is always a
+            preset too (no overrides), and the default.
+        embedded_budget: defaults on the embedded dataset (below presets, above the method's).
+        prog: the program name in ``--help`` (default ``baselines/<name>.py``).
+    """
+
+    name: str
+    description: str
+    defaults: Mapping[str, Any]
+    build_host: BuildHost
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+    embedded_budget: Mapping[str, Any] = field(default_factory=lambda: dict(EMBEDDED_BUDGET))
+    prog: str | None = None
+
+    def __post_init__(self):
+        missing = [key for key in LAYERED if key not in self.defaults]
+        if missing:
+            raise ValueError(f"MethodSpec {self.name!r}: defaults miss {', '.join(missing)}")
+        if self.name in self.presets:
+            raise ValueError(f"MethodSpec {self.name!r}: a preset may not take the method's name")
+
+    @property
+    def preset_names(self) -> list[str]:
+        return [self.name, *self.presets]
+
+
+# -- --help -----------------------------------------------------------------------------------
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an argument's help only when there is a default to show (not
+    None, not a flag's False) and the help text does not state one already (``(default``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
+                or "(default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Rule):
+        return value.text
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def describe_default(spec: MethodSpec, key: str) -> str:
+    """How ``--help`` states ``key``'s default: ``default 20000; [embedded] 100; preset ptlm: 2``
+    (the parts that apply)."""
+    parts = [f"default {_show(spec.defaults[key])}"] if key in spec.defaults else []
+    if key in spec.embedded_budget:
+        parts.append(f"[embedded] {_show(spec.embedded_budget[key])}")
+    parts += [f"preset {name}: {_show(p.values[key])}" for name, p in spec.presets.items()
+              if key in p.values]
+    return "; ".join(parts)
+
+
+def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
+    """The shared command line plus the method's own arguments."""
+    p = argparse.ArgumentParser(prog=spec.prog or f"baselines/{spec.name}.py",
+                                description=spec.description,
+                                formatter_class=DefaultsOnceFormatter)
+    a = p.add_argument
+    d = lambda key: f"({describe_default(spec, key)})"  # noqa: E731
+    presets = "; ".join([f"{spec.name}: the method's own defaults"] +
+                        [f"{name}: {p.description}" for name, p in spec.presets.items()])
+    a("--dataset", default=EMBEDDED,
+      help="digits (embedded, offline), mnist, fashion-mnist, cifar10, cifar100, tinyimagenet, "
+           "imagenette/imagewoof/imagemeow/imagesquawk/imagefruit/imageyellow, or "
+           "imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
+    a("--data-path", default="data", help="where torchvision/TinyImageNet/ImageNet files live")
+    a("--ipc", type=int, default=10, help="stored synthetic images per class")
+    a("--preset", choices=spec.preset_names, default=spec.name,
+      help=f"where unset hyperparameters take their defaults from: {presets}. Precedence: "
+           f"command line > preset > [embedded] budget > method default; config.json records "
+           f"each value's source")
+    a("--iterations", type=int, default=None, help=f"distillation iterations T {d('iterations')}")
+    a("--plugins", default=None,
+      help=f"comma list of cap, ptm, plm (or third-party names), or 'none' {d('plugins')}")
+    a("--alpha", type=int, default=50, help="cap: IPC threshold between typical and diverse mode")
+    a("--lam", type=float, default=1.0, help="ptm: lambda >= 1; injection ratio r = (t/lambda)/T")
+    a("--tau", type=float, default=0.1, help="plm: sharpening temperature")
+    a("--experts", default=None,
+      help="expert directory for plugins that need experts (ptm, plm); trained and saved there "
+           "if empty (default: a cache entry under ./experts keyed by dataset, arch, epochs, "
+           "seed; env DM_PLUGINS_EXPERTS moves the cache root)")
+    a("--num-experts", type=int, default=None, help=f"experts to train/use {d('num_experts')}")
+    a("--expert-epochs", type=int, default=None, help=f"epochs per expert {d('expert_epochs')}")
+    a("--arch", default="convnet", help="distillation / expert network")
+    a("--factor", type=int, default=None,
+      help=f"factorisation factor f: each stored image holds f x f images {d('factor')}")
+    a("--lr-img", type=float, default=None,
+      help=f"image learning rate in normalised space {d('lr_img')}")
+    a("--momentum", type=float, default=None, help=f"image optimiser momentum {d('momentum')}")
+    a("--batch-real", type=int, default=None,
+      help=f"real images per class per iteration {d('batch_real')}")
+    a("--init", choices=["real", "noise"], default="real", help="synthetic initialisation")
+    a("--no-dsa", action="store_true", help="turn off DSA augmentation during distillation")
+    a("--seed", type=int, default=0, help="run seed: same seed, same synthetic set on CPU")
+    a("--device", default="auto", help="cpu, cuda or auto")
+    a("--out", default=None,
+      help=f"run directory (default runs/{spec.name}[-<preset>]-<dataset>-ipc<ipc>-<plugins>-"
+           f"s<seed>, the preset named when not {spec.name}; -2, -3, ... appended when taken)")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue the run in RUN_DIR from its last checkpoint (its config.json wins)")
+    a("--eval-runs", type=int, default=None, help=f"evaluation runs, 0 skips {d('eval_runs')}")
+    a("--eval-epochs", type=int, default=None,
+      help=f"epochs per evaluation run {d('eval_epochs')}")
+    a("--eval-arch", default="convnet", help="comma list: convnet, resnet10, resnet18, densenet121")
+    a("--eval-protocol", choices=["dm", "dance"], default="dm",
+      help="dm: DSA; dance: DSA + CutMix (p 0.5)")
+    a("--channels-last", choices=["auto", "on", "off"], default="auto",
+      help="channels-last memory format for the networks; auto = on for CPU (measured faster, "
+           "see README benchmarks), off for CUDA")
+    a("--compile", action="store_true",
+      help="torch.compile the real-image forward (one-off compile time, faster iterations)")
+    a("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+    a("--log-every", type=int, default=10, help="iterations between metrics.jsonl records")
+    a("--no-progress", action="store_true", help="no progress bars")
+    if spec.add_arguments is not None:
+        spec.add_arguments(p)
+    return p
+
+
+def parse_args(spec: MethodSpec, argv: list[str] | None = None
+               ) -> tuple[argparse.Namespace, frozenset[str]]:
+    """Parse ``argv``; also return the destinations given on the command line (even when
+    given their default value), which is what ``sources`` calls "command line"."""
+    args = build_parser(spec).parse_args(argv)
+    probe = build_parser(spec)
+    for action in probe._actions:  # argparse lists its actions nowhere public
+        action.default = argparse.SUPPRESS  # an option not given is then left out
+    return args, frozenset(vars(probe.parse_args(argv)))
+
+
+# -- default resolution -----------------------------------------------------------------------
+def resolve_settings(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset",
+                     explicit: frozenset[str] | set[str] = frozenset()
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every argparse destination's value and source, by precedence: command line > preset >
+    embedded-dataset budget > method default > parser default (the last two both read
+    ``method <name>``). ``explicit`` lists the destinations given on the command line (see
+    :func:`parse_args`); a :data:`LAYERED` one that is not None counts as given anyway, since
+    its parser default is None."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    preset = getattr(args, "preset", None) or spec.name
+    if preset != spec.name:
+        if preset not in spec.presets:
+            from .common import UsageError
+            raise UsageError(f"unknown preset {preset!r}; choose from "
+                             f"{', '.join(spec.preset_names)}")
+        layers.append((f"preset {preset}", spec.presets[preset].values))
+    if dataset.name == EMBEDDED:
+        layers.append((EMBEDDED_SOURCE, spec.embedded_budget))
+    method = f"method {spec.name}"
+    layers.append((method, spec.defaults))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    rules: dict[str, Rule] = {}
+    for key, given in vars(args).items():
+        if key in explicit or (key in LAYERED and given is not None):
+            values[key], sources[key] = given, COMMAND_LINE
+            continue
+        for source, layer in layers:
+            if key in layer:
+                sources[key] = source
+                if isinstance(layer[key], Rule):
+                    rules[key] = layer[key]
+                else:
+                    values[key] = layer[key]
+                break
+        else:
+            values[key], sources[key] = given, method
+    settings = dict(values)
+    for key, rule in rules.items():
+        values[key] = rule.fn(dataset, settings)
+    missing = [key for key in LAYERED if values.get(key) is None]
+    if missing:
+        raise ValueError(f"method {spec.name!r} resolved no default for {', '.join(missing)}")
+    return values, sources
+
+
+def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset",
+                   explicit: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Every setting with its default resolved, plus ``preset`` and ``sources`` (what
+    config.json records)."""
+    from dm_plugins import check_plugin_names
+
+    v, sources = resolve_settings(spec, args, dataset, explicit)
+    plugins = v["plugins"]
+    plugins = check_plugin_names(list(plugins) if isinstance(plugins, (list, tuple)) else plugins)
+    config = {
+        "method": spec.name, "preset": getattr(args, "preset", None) or spec.name,
+        "dataset": dataset.name, "data_path": v["data_path"], "ipc": v["ipc"],
+        "iterations": v["iterations"], "plugins": plugins, "alpha": v["alpha"],
+        "lam": v["lam"], "tau": v["tau"], "experts": v["experts"],
+        "num_experts": v["num_experts"], "expert_epochs": v["expert_epochs"],
+        "arch": v["arch"], "factor": v["factor"], "lr_img": v["lr_img"],
+        "momentum": v["momentum"], "batch_real": v["batch_real"], "init": v["init"],
+        "dsa": not v["no_dsa"], "seed": v["seed"], "device": v["device"],
+        "eval_runs": v["eval_runs"], "eval_epochs": v["eval_epochs"],
+        "eval_arch": [s.strip() for s in v["eval_arch"].split(",") if s.strip()],
+        "eval_protocol": v["eval_protocol"], "channels_last": v["channels_last"],
+        "compile": v["compile"], "checkpoint_every": v["checkpoint_every"],
+        "log_every": v["log_every"],
+    }
+    for key, value in v.items():  # the method's own arguments
+        if key not in _NOT_SETTINGS and _CONFIG_KEY.get(key, key) not in config:
+            config[key] = value
+    config["sources"] = {_CONFIG_KEY.get(key, key): source for key, source in sources.items()
+                         if key not in _NOT_SETTINGS}
+    return config
+
+
+def default_out(config: dict) -> str:
+    """``runs/<method>[-<preset>]-<dataset>-ipc<ipc>-<plugins>-s<seed>`` (the preset only when
+    it is not the method's own)."""
+    name = config["dataset"].split(":", 1)[-1].rstrip("/").split("/")[-1]
+    plugins = "+".join(config["plugins"]) or "none"
+    method = config["method"]
+    preset = config.get("preset", method)
+    prefix = method if preset == method else f"{method}-{preset}"
+    return os.path.join("runs", f"{prefix}-{name}-ipc{config['ipc']}-{plugins}-s{config['seed']}")
+
+
+def unused_path(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it is taken (default run names only)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def use_channels_last(choice: str, device: torch.device) -> bool:
+    return choice == "on" or (choice == "auto" and device.type == "cpu")
+
+
+# -- the run ----------------------------------------------------------------------------------
+def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run; the exit code (0, 2 for a user error, 130 when interrupted)."""
+    args, explicit = parse_args(spec, argv)
+    from .errors import USER_ERRORS
+    try:
+        return run(spec, args, explicit)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; continue with --resume RUN_DIR",
+              file=sys.stderr)
+        return 130
+
+
+def run(spec: MethodSpec, args: argparse.Namespace,
+        explicit: frozenset[str] | set[str] = frozenset()) -> int:
+    """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors."""
+    from dm_plugins import PluginSet, check_plugin_names, plugins_need_experts
+
+    from .common import (check_ipc, evaluate_stored, initial_synthetic, resolve_device,
+                         save_synthetic)
+    from .datasets import canonical_dataset_name, load_dataset
+    from .expert_cache import load_or_train_experts
+    from .networks import get_network
+    from .runs import RunDir, RunError, environment, peak_memory_mb
+
+    progress = not args.no_progress
+    if args.resume:
+        run_dir = RunDir.open(args.resume)
+        config = run_dir.read_config()
+        if config.get("method", spec.name) != spec.name:
+            raise RunError(f"{run_dir.path} holds a {config['method']!r} run, not a "
+                           f"{spec.name!r} one; resume it with baselines/{config['method']}.py")
+        dataset_name, data_path = config["dataset"], config["data_path"]
+    else:
+        if args.plugins is not None:
+            check_plugin_names(args.plugins)  # before any slow work (data, experts)
+        dataset_name, data_path = args.dataset, args.data_path
+    dataset = load_dataset(canonical_dataset_name(dataset_name), data_path)
+    if not args.resume:
+        config = resolve_config(spec, args, dataset, explicit)
+        check_ipc(dataset, config["ipc"], config["factor"], config["init"])
+        config["environment"] = environment()
+        run_dir = RunDir.create(args.out or unused_path(default_out(config)), config)
+    device = resolve_device(args.device if args.resume else config["device"])
+    channels_last = use_channels_last(config["channels_last"], device)
+    log = _logger(run_dir)
+    log(f"run directory {run_dir.path}; dataset {dataset.name} "
+        f"({dataset.num_classes} classes, {len(dataset.train)} train images); method "
+        f"{config['method']}, preset {config.get('preset', config['method'])}; plugins "
+        f"{','.join(config['plugins']) or 'none'}; device {device}")
+
+    def factory():
+        return get_network(config["arch"], dataset.channels, dataset.num_classes,
+                           dataset.image_size)
+
+    experts = None
+    if plugins_need_experts(config["plugins"]):
+        experts, _ = load_or_train_experts(
+            dataset, config["arch"], num_experts=config["num_experts"],
+            epochs=config["expert_epochs"], seed=config["seed"], directory=config["experts"],
+            device=device, progress=progress, channels_last=channels_last, log=log)
+    plugins = PluginSet.from_names(config["plugins"], experts=experts, alpha=config["alpha"],
+                                   lam=config["lam"], tau=config["tau"])
+    syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
+                                 config["seed"])
+    host = spec.build_host(dataset, factory, syn_init, plugins, config, device, channels_last)
+    checkpoint = run_dir.load_checkpoint()
+    if checkpoint is not None:
+        host.load_state_dict(checkpoint["host"])
+        run_dir.truncate_metrics(host.iteration)
+        log(f"resumed at iteration {host.iteration} of {config['iterations']}")
+
+    def after_iteration(t: int, metrics: dict) -> None:
+        done = t + 1
+        if t % config["log_every"] == 0 or done == config["iterations"]:
+            metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+            run_dir.append_metrics(metrics)
+        if done % config["checkpoint_every"] == 0 or done == config["iterations"]:
+            run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done})
+
+    started = time.perf_counter()
+    stored = host.run(callback=after_iteration, progress=progress)
+    log(f"distillation done: {config['iterations']} iterations in "
+        f"{time.perf_counter() - started:.1f} s, peak memory {peak_memory_mb(device):.0f} MiB")
+    save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],
+                   method=config["method"], plugins=config["plugins"], config=config,
+                   seed=config["seed"])
+    log(f"wrote {run_dir.synset_path} and {run_dir.grid_path}")
+    if config["eval_runs"] > 0:
+        results = evaluate_stored(
+            dataset, stored, ipc=config["ipc"], factor=config["factor"],
+            archs=config["eval_arch"], runs=config["eval_runs"], epochs=config["eval_epochs"],
+            protocol=config["eval_protocol"], seed=config["seed"], device=device,
+            progress=progress, channels_last=channels_last, log=log)
+        summary = dict(results[0])
+        summary["per_arch"] = results
+        summary.update({"method": config["method"], "plugins": config["plugins"],
+                        "ipc": config["ipc"], "dataset": dataset.name,
+                        "iterations": config["iterations"]})
+        if "preset" in config:
+            summary["preset"] = config["preset"]
+        run_dir.write_results(summary)
+        log(f"wrote {run_dir.results_path}")
+    return 0
+
+
+def _logger(run_dir):
+    def log(message: str) -> None:
+        print(message, flush=True)
+        run_dir.log(message)
+    return log
