@@ -76,9 +76,6 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in state.items()}
 
 
-RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")
-
-
 class ExpertPool:
     """N experts held in memory, with a deterministic per-iteration pick.
 
@@ -259,13 +256,9 @@ class ExpertPool:
         """
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
-        if augment is not None and augment_name is None:
-            augment_name = getattr(augment, "__qualname__", type(augment).__name__)
         directory = Path(directory)
-        recipe = {"epochs": int(epochs), "seed": int(seed), "lr": lr, "momentum": momentum,
-                  "weight_decay": weight_decay, "batch_size": int(batch_size),
-                  "augment": augment_name or "none"}
-        pool_meta = {**recipe, **(meta or {})}
+        pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
+                               augment_name), **(meta or {})}
         manifest = _read_manifest(directory)
         if manifest is None and directory.exists() and any(directory.iterdir()):
             if not all(p.name.startswith(".") or p.name.startswith("expert_")
@@ -320,10 +313,8 @@ class ExpertPool:
                                 test_labels=test_labels, device=device, progress=progress,
                                 channels_last=channels_last, desc=f"expert {k + 1}/{num_experts}")
                    for k in range(num_experts)]
-        pool_meta = {"epochs": epochs, "seed": seed, "lr": lr, "momentum": momentum,
-                     "weight_decay": weight_decay, "batch_size": batch_size,
-                     "augment": "none" if augment is None else
-                     getattr(augment, "__qualname__", type(augment).__name__), **(meta or {})}
+        pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment),
+                     **(meta or {})}
         pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
         pool._check_distinct_inits()
         return pool
@@ -371,6 +362,16 @@ def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
     if test_images is not None and test_labels is not None:
         meta["test_accuracy"] = accuracy(net, test_images, test_labels, device)
     return Expert(init_state, _state_on_cpu(net), meta)
+
+
+def _recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
+            augment_name: str | None = None) -> dict:
+    """How experts were trained, as recorded in a pool's metadata and compared on reuse."""
+    if augment is not None and augment_name is None:
+        augment_name = getattr(augment, "__qualname__", type(augment).__name__)
+    return {"epochs": int(epochs), "seed": int(seed), "lr": lr, "momentum": momentum,
+            "weight_decay": weight_decay, "batch_size": int(batch_size),
+            "augment": augment_name or "none"}
 
 
 def _accuracy_text(expert: Expert) -> str:
