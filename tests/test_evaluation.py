@@ -1,12 +1,17 @@
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+
+import dm_plugins.training as training
+from baselines.harness import evaluation
 
 from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import (PROTOCOLS, EvalProtocol, evaluate_synset, run_seeds,
@@ -33,11 +38,30 @@ def tiny_net(classes=3):
 FAST = EvalProtocol("fast", epochs=15, lr=0.05, batch_size=8)
 
 
+class RecordingSGD(torch.optim.SGD):
+    """Logs (lr, momentum, weight_decay) of every optimiser step."""
+    log = []
+
+    def step(self, closure=None):
+        g = self.param_groups[0]
+        RecordingSGD.log.append((g["lr"], g["momentum"], g["weight_decay"]))
+        return super().step(closure)
+
+
+@pytest.fixture
+def recording_sgd(monkeypatch):
+    RecordingSGD.log = []
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    return RecordingSGD.log
+
+
 def test_protocols():
     assert PROTOCOLS["dm"].epochs == 1000 and PROTOCOLS["dm"].lr == 0.01
     assert PROTOCOLS["dm"].momentum == 0.9 and PROTOCOLS["dm"].weight_decay == 5e-4
     assert PROTOCOLS["dm"].batch_size == 256 and PROTOCOLS["dm"].cutmix_p == 0.0
     assert PROTOCOLS["dance"].cutmix_p == 0.5 and PROTOCOLS["dance"].dsa
+    assert PROTOCOLS["dm"].dsa and PROTOCOLS["dm"].lr_drop_at == 0.5
+    assert PROTOCOLS["dance"].lr_drop_at == 0.5 and PROTOCOLS["dance"].epochs == 1000
 
 
 def test_learns_above_chance_and_keys():
@@ -71,13 +95,16 @@ def test_soft_labels_and_cutmix():
     assert acc > 80.0
 
 
-def test_no_dsa_and_lr_drop():
+def test_no_dsa_and_lr_drop(recording_sgd, monkeypatch):
+    # (was: 0 <= acc <= 100, which cannot fail) lr x0.1 from epoch int(0.5 * 4) = 2, no DSA
+    monkeypatch.setattr(DSA, "per_image", lambda *a: pytest.fail("DSA used with dsa=False"))
     x, y = toy_set(2, 0)
     tx, ty = toy_set(5, 1)
     proto = EvalProtocol("plain", epochs=4, dsa=False, lr_drop_at=0.5)
     acc = train_and_test(tiny_net(), x, y, tx, ty, proto, torch.Generator().manual_seed(0),
                          progress=False)
-    assert 0.0 <= acc <= 100.0
+    assert [round(lr, 12) for lr, _, _ in recording_sgd] == [0.01, 0.01, 0.001, 0.001]
+    assert acc in {100.0 * k / 15 for k in range(16)}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -132,3 +159,93 @@ def test_cli_errors(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     proc = _run_cli(str(tmp_path / "missing.pt"), "--no-progress")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- aggregation pins
+
+def _fake_runs(monkeypatch, accuracies):
+    """Replace the per-run training by one returning the given accuracies; log each call."""
+    calls = []
+
+    def fake(factory, images, labels, test_images, test_labels, protocol, generator, **kw):
+        calls.append(dict(protocol=protocol, data_seed=generator.initial_seed(),
+                          init_seed=torch.initial_seed(), augment=kw.get("augment")))
+        return accuracies[len(calls) - 1]
+
+    monkeypatch.setattr(evaluation, "train_and_test", fake)
+    return calls
+
+
+def test_aggregation_mean_population_std_order_and_seeds(monkeypatch):
+    calls = _fake_runs(monkeypatch, [10.0, 20.0, 60.0])
+    x, y = toy_set(1, 0)
+    aug = DSA(flip=False)
+    state = torch.random.get_rng_state()
+    res = evaluate_synset(x, y, x, y, tiny_net(), runs=3, protocol="dance", epochs=7, seed=4,
+                          augment=aug, progress=False)
+    assert res["accuracies"] == [10.0, 20.0, 60.0]
+    assert res["accuracy_mean"] == pytest.approx(30.0)
+    # population std (ddof=0): deviations -20, -10, 30 -> sqrt(1400 / 3); ddof=1 would be 26.46
+    assert res["accuracy_std"] == pytest.approx(math.sqrt(1400.0 / 3.0))
+    assert res["runs"] == 3 and res["protocol"] == "dance" and res["epochs"] == 7
+    assert torch.equal(torch.random.get_rng_state(), state)   # caller's RNG untouched
+    for i, call in enumerate(calls):
+        assert (call["init_seed"], call["data_seed"]) == run_seeds(4, i)
+        assert call["protocol"].epochs == 7 and call["protocol"].cutmix_p == 0.5
+        assert call["augment"] is aug
+
+
+def test_aggregation_single_run_and_unequal_values(monkeypatch):
+    _fake_runs(monkeypatch, [42.5])
+    x, y = toy_set(1, 0)
+    res = evaluate_synset(x, y, x, y, tiny_net(), runs=1, progress=False)
+    assert res["accuracies"] == [42.5] and res["accuracy_mean"] == 42.5
+    assert res["accuracy_std"] == 0.0 and res["protocol"] == "dm" and res["epochs"] == 1000
+    values = [71.0, 64.5, 70.25, 80.0]
+    _fake_runs(monkeypatch, values)
+    res = evaluate_synset(x, y, x, y, tiny_net(), runs=4, progress=False)
+    assert res["accuracy_mean"] == pytest.approx(sum(values) / 4)
+    assert res["accuracy_std"] == pytest.approx(float(np.std(values)))
+    assert res["accuracies"] == values
+
+
+@pytest.mark.parametrize("epochs,expected", [(4, [0.01] * 2 + [0.001] * 2),
+                                             (5, [0.01] * 2 + [0.001] * 3)])
+def test_dm_protocol_lr_decay_reaches_optimiser(recording_sgd, epochs, expected):
+    x, y = toy_set(4, 0)   # 12 images < batch 256: one optimiser step per epoch
+    evaluate_synset(x, y, x, y, tiny_net(), runs=1, protocol="dm", epochs=epochs,
+                    progress=False)
+    assert [round(lr, 12) for lr, _, _ in recording_sgd] == expected
+    assert {(m, wd) for _, m, wd in recording_sgd} == {(0.9, 5e-4)}
+
+
+def test_batch_size_reaches_loop(recording_sgd):
+    x, y = toy_set(100, 0)   # 300 images, batch 256: two steps per epoch
+    evaluate_synset(x, y, x[:3], y[:3], tiny_net(), runs=1, protocol="dm", epochs=2,
+                    progress=False)
+    assert len(recording_sgd) == 4
+
+
+@pytest.mark.parametrize("name", ["dm", "dance"])
+def test_protocol_switches_cutmix_and_dsa(monkeypatch, name):
+    counts = {"cutmix": 0, "dsa": 0}
+    real_cutmix, real_per_image = training.cutmix, DSA.per_image
+
+    def counting_cutmix(*a, **kw):
+        counts["cutmix"] += 1
+        return real_cutmix(*a, **kw)
+
+    def counting_per_image(self, *a, **kw):
+        counts["dsa"] += 1
+        return real_per_image(self, *a, **kw)
+
+    monkeypatch.setattr(training, "cutmix", counting_cutmix)
+    monkeypatch.setattr(DSA, "per_image", counting_per_image)
+    x, y = toy_set(2, 0)
+    evaluate_synset(x, y, x, y, tiny_net(), runs=1, protocol=name, epochs=40, seed=1,
+                    progress=False)
+    assert counts["dsa"] == 40   # one batch per epoch, DSA on every batch in both protocols
+    if name == "dm":
+        assert counts["cutmix"] == 0
+    else:
+        assert 8 <= counts["cutmix"] <= 32   # Binomial(40, 0.5), seeded
