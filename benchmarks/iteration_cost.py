@@ -10,7 +10,12 @@ so that drift in machine speed affects them alike) for:
 - ``host-nchw``:  our batched DM host, default memory format, no plugins;
 - ``host``:       our DM host with this machine's fast settings (channels-last; ``--compile``
                   adds torch.compile of the real forward), no plugins;
-- ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm.
+- ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm;
+- ``idm``:        IDM (``adapters/idm.py``, channels-last) with its own queue settings: one
+                  matching net, per-class image steps, then 2 queue nets trained 10 steps on 256
+                  real images; ``idm+all``: IDM with cap, ptm and plm. Both use the shared
+                  ``--batch-real`` and ``--factor`` (pass ``--factor 2`` for IDM's own 2x2
+                  partition); ``--compile`` does not apply to them.
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
 reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
@@ -38,9 +43,9 @@ if __package__ in (None, ""):
 
 import torch
 
-VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all")
+VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all", "idm", "idm+all")
 PLUGINS = {"naive": None, "host-nchw": "none", "host": "none", "cap": "cap", "ptm": "ptm",
-           "plm": "plm", "all": "cap,ptm,plm"}
+           "plm": "plm", "all": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +127,14 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
         return step, lambda: None
     # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
     plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False)
+    if variant.startswith("idm"):
+        from adapters.idm import build_idm_host
+        host = build_idm_host(data, factory, syn_init, plugins=plugins, factor=args.factor,
+                              dsa=not args.no_dsa, device=device,
+                              num_iterations=args.warmup + args.repeats,
+                              batch_real=args.batch_real, seed=args.seed, channels_last=True)
+        host.start()  # plugin setup is a one-off, not per iteration
+        return host.step, host.close
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
                          lr=1.0, momentum=0.5, factor=args.factor, seed=args.seed,
