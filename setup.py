@@ -20,5 +20,5 @@ setup(
         # which makes the quickstart work offline with no download
         "scikit-learn>=1.0",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={"dev": ["pytest>=7", "mutmut==3.8.1; python_version >= '3.10'"]},
 )
