@@ -214,18 +214,7 @@ class DMHost:
 
         Returns the stored synthetic images (detached).
         """
-        bar = tqdm(range(self.iteration, self.num_iterations), total=self.num_iterations,
-                   initial=self.iteration, desc="distill", disable=not progress or tqdm is None)
-        try:
-            self._ensure_setup()
-            for t in bar:
-                metrics = self.step(t)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", s_it=f"{metrics['seconds']:.2f}")
-                if callback is not None:
-                    callback(t, metrics)
-        finally:
-            self.close()
-        return self.syn.detach()
+        return run_iterations(self, self._ensure_setup, callback, progress, desc="distill")
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -241,3 +230,22 @@ class DMHost:
             self.syn.copy_(state["syn"].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
+
+
+def run_iterations(host, start: Callable[[], None], callback: Callable[[int, dict], None] | None,
+                   progress: bool, desc: str) -> torch.Tensor:
+    """The run loop every host shares: ``start()``, then ``host.step(t)`` from
+    ``host.iteration`` to ``host.num_iterations`` with a progress bar and ``callback(t,
+    metrics)`` after each, ``host.close()`` whatever happens; returns ``host.syn`` detached."""
+    bar = tqdm(range(host.iteration, host.num_iterations), total=host.num_iterations,
+               initial=host.iteration, desc=desc, disable=not progress or tqdm is None)
+    try:
+        start()
+        for t in bar:
+            metrics = host.step(t)
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}", s_it=f"{metrics['seconds']:.2f}")
+            if callback is not None:
+                callback(t, metrics)
+    finally:
+        host.close()
+    return host.syn.detach()

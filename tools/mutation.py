@@ -225,9 +225,22 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def tested_source(path: str) -> str:
+    """The source a module's mutants were made from: the commit its run recorded when the file was
+    clean then (the working tree may have moved on since), else the working-tree file."""
+    log = json.loads(RUN_LOG.read_text()) if RUN_LOG.exists() else {}
+    run = log.get(path, {})
+    if run.get("commit") and not run.get("source_status"):
+        shown = subprocess.run(["git", "show", f"{run['commit']}:{path}"], cwd=ROOT,
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+    return (ROOT / path).read_text()
+
+
 def _def_line(path: str, func: str, cls: str | None) -> int:
     """Line of the ``def`` of the original function in the source file."""
-    tree = ast.parse((ROOT / path).read_text())
+    tree = ast.parse(tested_source(path))
     body = tree.body
     if cls is not None:
         body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)

@@ -69,12 +69,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import build_network
+from dm_plugins.loop import run_iterations
 from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
 
 __all__ = ["IDM", "ModelQueue", "QueueNet", "MatchingPass"]
 
@@ -466,19 +463,7 @@ class IDM:
             progress: bool = True) -> torch.Tensor:
         """Run from :attr:`iteration` to T; ``callback(t, metrics)`` after each iteration.
         Returns the stored synthetic images (detached)."""
-        bar = tqdm(range(self.iteration, self.num_iterations), total=self.num_iterations,
-                   initial=self.iteration, desc="distill (idm)",
-                   disable=not progress or tqdm is None)
-        try:
-            self.start()
-            for t in bar:
-                metrics = self.step(t)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", s_it=f"{metrics['seconds']:.2f}")
-                if callback is not None:
-                    callback(t, metrics)
-        finally:
-            self.close()
-        return self.syn.detach()
+        return run_iterations(self, self.start, callback, progress, desc="distill (idm)")
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
