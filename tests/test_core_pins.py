@@ -34,6 +34,12 @@ def test_derive_seed_golden_values():
     assert derive_seed(123456789, 0x4E, 19999) == 4965560657362562926
     assert derive_seed(1, 2) != derive_seed(2, 1)            # order matters
     assert 0 <= derive_seed(-1, 2 ** 70) < 2 ** 63           # any ints, 63-bit result
+    # the top bit of the 64-bit hash is dropped (torch seeds must fit a signed 64-bit int):
+    from dm_plugins.seeding import _MASK64
+    raw = [_splitmix64(0x5EED ^ i) for i in range(64)]
+    assert any(r >> 63 for r in raw)                        # the mask matters for these inputs
+    assert [derive_seed(i) for i in range(64)] == [r & (2 ** 63 - 1) for r in raw]
+    assert _MASK64 == 2 ** 64 - 1
 
 
 def test_make_generator_is_seeded_with_derive_seed():

@@ -129,6 +129,63 @@ def allow_safe_decorators() -> None:
     fm.function_trampoline_arrangement = arrange_with_bare_copies
 
 
+# -- crediting shared fixtures ----------------------------------------------------------------------
+def credit_shared_fixtures() -> None:
+    """mutmut maps each function to the tests during which it ran. A function that runs while a
+    session-, module- or class-scoped fixture is built (the trained expert ``pool`` of
+    tests/conftest.py, say) is then credited only to the first test that uses the fixture, and
+    the later tests that check what the fixture built are never run against its mutants. Credit
+    such functions to every test that uses the fixture (applied while mutmut collects stats)."""
+    from collections import defaultdict
+
+    import pytest
+    from mutmut.mutation import trampoline
+    from mutmut.runners.harness import PytestRunner
+    from mutmut.state import state
+    from mutmut.utils.format_utils import strip_prefix
+
+    building: list = []             # the shared fixtures being set up right now (nested)
+    hits: dict = defaultdict(set)   # (baseid, name) of a fixture -> functions run to build it
+    record = trampoline.record_trampoline_hit
+
+    def record_and_credit(name, caller=None):
+        record(name, caller=caller)
+        for key in building:
+            hits[key].add(name)
+
+    class SharedFixtureCredit:
+        @pytest.hookimpl(wrapper=True)
+        def pytest_fixture_setup(self, fixturedef, request):
+            shared = fixturedef.scope != "function"
+            if shared:
+                building.append((fixturedef.baseid, fixturedef.argname))
+            try:
+                return (yield)
+            finally:
+                if shared:
+                    building.pop()
+
+        def pytest_sessionfinish(self, session):
+            tests = state().tests_by_mangled_function_name
+            for item in session.items:
+                info = getattr(item, "_fixtureinfo", None)
+                for name in getattr(item, "fixturenames", ()):
+                    defs = info.name2fixturedefs.get(name) if info is not None else None
+                    for func in hits.get((defs[-1].baseid, name), ()) if defs else ():
+                        tests[func].add(strip_prefix(item.nodeid, prefix="mutants/"))
+
+    execute = PytestRunner.execute_pytest
+
+    def execute_with_credit(self, params, **kwargs):
+        plugins = kwargs.get("plugins") or []
+        if any(type(p).__name__ == "StatsCollector" for p in plugins):  # mutmut's stats run
+            kwargs["plugins"] = [*plugins, SharedFixtureCredit()]
+        return execute(self, params, **kwargs)
+
+    trampoline.record_trampoline_hit = record_and_credit
+    PytestRunner.execute_pytest = execute_with_credit
+
+
 # -- running one module (in a child process) --------------------------------------------------------
 def excluded_tests() -> list[str]:
     """setup.cfg [mutation] exclude_tests: test files (or node-id prefixes) never run on mutants."""
@@ -165,6 +222,7 @@ def run_one(path: str, retest: bool, all_tests: bool) -> int:
         mm.collect_or_load_stats = load_then_filter
 
     allow_safe_decorators()
+    credit_shared_fixtures()
     Path("mutants").mkdir(exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):  # mutmut lists every file it copies
         copy_src_dir()
