@@ -117,3 +117,30 @@ def test_plugin_masks_are_anded_and_empty_and_falls_back():
     assert plugins.keep_mask(0, REAL, SYN, 3).tolist() == [True, True, False, False]
     # a single sample: cap keeps it, droplast drops it -> empty AND -> whole batch
     assert plugins.keep_mask(0, REAL[:1], SYN, 3).tolist() == [True]
+
+
+# -- pins for mutants that survived the first mutation run -------------------------------------
+def test_all_equal_scores_give_a_boolean_all_true_mask():
+    mask = capacity_keep_mask(torch.ones(4, 3), torch.ones(2, 3), 2, 4, "typical")
+    assert mask.dtype == torch.bool and mask.tolist() == [True] * 4
+
+
+@pytest.mark.parametrize("mode,best", [("typical", [False, True, False]),
+                                       ("diverse", [True, False, False])])
+def test_a_rule_that_would_keep_nothing_keeps_the_best(mode, best):
+    # p = t/T = 3 overshoots the rule so that it keeps no sample; the fallback keeps the most
+    # similar sample (typical) or the least similar one (diverse), never an empty mask
+    real = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    syn = torch.tensor([[1.0, 0.0]])
+    assert capacity_keep_mask(real, syn, 30, 10, mode).tolist() == best
+
+
+def test_constructor_defaults_and_messages():
+    assert CapacityMatching().alpha == 50
+    assert CapacityMatching(alpha=1).alpha == 1
+    with pytest.raises(ValueError, match="alpha must be >= 1, got 0"):
+        CapacityMatching(alpha=0)
+    with pytest.raises(RuntimeError, match="CapacityMatching needs the IPC"):
+        CapacityMatching().dm_select_real(torch.ones(2, 2), torch.ones(1, 2), 0, 2)
+    with pytest.raises(ValueError, match="capacity mode must be 'typical' or 'diverse'"):
+        capacity_keep_mask(torch.ones(2, 2), torch.ones(1, 2), 0, 2, "wide")
