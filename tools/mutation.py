@@ -14,6 +14,14 @@ time). mutmut copies the sources into mutants/ and, per mutant, runs only the te
 mutated function; results are stored per mutant in mutants/**/*.meta, so an interrupted run
 resumes where it stopped (rerun the same command). `rm -rf mutants` starts from scratch.
 Score = (killed + timeout) / mutants; "no tests" mutants count as not killed.
+`python -m mutmut show <mutant name>` prints one mutant's whole diff (names as --survivors prints
+them, e.g. dm_plugins.capacity.x_capacity_mode__mutmut_1).
+
+Two additions to mutmut 3.8.1 (pinned in setup.py's dev extra), applied by this script only, so
+always run mutmut through it: functions with a pluggy ``@hookimpl``, ``@property``,
+``@torch.inference_mode()`` or ``@contextmanager`` decorator are mutated too (mutmut skips every
+decorated function), and functions that run while a shared (session/module/class-scoped) fixture
+is built are credited to every test using that fixture (mutmut credits only the first one).
 """
 from __future__ import annotations
 
@@ -341,7 +349,7 @@ def survivors(paths: list[str]) -> str:
             if status in (KILLED, TIMEOUT, NOT_CHECKED):
                 continue
             line, changes = describe_mutant(path, key)
-            rows.append((line, key.rpartition(".")[2], status, changes))
+            rows.append((line, key, status, changes))  # key: for `mutmut show`
         for line, name, status, changes in sorted(rows, key=lambda r: (r[0], r[1])):
             out.append(f"{path}:{line}  [{status}]  {name}")
             out.extend("    " + c for c in changes)
