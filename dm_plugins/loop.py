@@ -82,15 +82,9 @@ class DMHost:
                  compile_real: bool = False, real_chunk: int = 2560, extra: dict | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
-        if syn_init.shape[0] % self.num_classes:
-            raise ValueError(f"{syn_init.shape[0]} synthetic images do not split evenly over "
-                             f"{self.num_classes} classes")
-        self.ipc = syn_init.shape[0] // self.num_classes
+        self.ipc = check_host_args("DMHost", syn_init, self.num_classes, positive={
+            "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk})
         self.num_iterations = int(num_iterations)
-        for name, value in (("num_iterations", num_iterations), ("batch_real", batch_real),
-                            ("real_chunk", real_chunk)):
-            if int(value) < 1:
-                raise ValueError(f"DMHost: {name} must be >= 1, got {value}")
         self.plugins = plugins if plugins is not None else PluginSet()
         self.augment = augment
         self.decode = decode
@@ -223,13 +217,7 @@ class DMHost:
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["syn"].shape) != tuple(self.syn.shape):
-            raise ValueError(f"checkpoint holds synthetic images of shape "
-                             f"{tuple(state['syn'].shape)}, this run expects {tuple(self.syn.shape)}")
-        with torch.no_grad():
-            self.syn.copy_(state["syn"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = int(state["iteration"])
+        restore_synthetic(self, state)
 
 
 def run_iterations(host, start: Callable[[], None], callback: Callable[[int, dict], None] | None,
@@ -249,3 +237,32 @@ def run_iterations(host, start: Callable[[], None], callback: Callable[[int, dic
     finally:
         host.close()
     return host.syn.detach()
+
+
+def check_host_args(owner: str, syn_init: torch.Tensor, num_classes: int, *,
+                    positive: dict[str, int], nonnegative: dict[str, int] | None = None) -> int:
+    """Refuse a host's bad arguments before any work: ``positive`` values must be >= 1,
+    ``nonnegative`` ones >= 0, and ``syn_init`` must split evenly over the classes (sorted by
+    class). Returns the images per class. Messages name ``owner`` (e.g. ``"DMHost"``)."""
+    for name, value in positive.items():
+        if int(value) < 1:
+            raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+    for name, value in (nonnegative or {}).items():
+        if int(value) < 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+    if syn_init.shape[0] % num_classes:
+        raise ValueError(f"{syn_init.shape[0]} synthetic images do not split evenly over "
+                         f"{num_classes} classes")
+    return syn_init.shape[0] // num_classes
+
+
+def restore_synthetic(host, state: dict) -> None:
+    """Load the part of a checkpoint every host has: the stored images ``syn`` (shape checked
+    against ``host.syn``), the image optimiser's state and the next iteration."""
+    if tuple(state["syn"].shape) != tuple(host.syn.shape):
+        raise ValueError(f"checkpoint holds synthetic images of shape "
+                         f"{tuple(state['syn'].shape)}, this run expects {tuple(host.syn.shape)}")
+    with torch.no_grad():
+        host.syn.copy_(state["syn"].to(host.device))
+    host.optimizer.load_state_dict(state["optimizer"])
+    host.iteration = int(state["iteration"])

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import build_network
-from dm_plugins.loop import run_iterations
+from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
 from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
 
 
@@ -241,25 +241,15 @@ class IDM:
                  net_weight_decay: float = 5e-4, meter_interval: int = 100, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  real_chunk: int = 2560, extra: dict | None = None):
-        positive = {"num_iterations": num_iterations, "batch_real": batch_real,
-                    "net_num": net_num, "net_generate_interval": net_generate_interval,
-                    "initial_nets": initial_nets, "train_net_num": train_net_num,
-                    "trained_bs": trained_bs, "meter_interval": meter_interval,
-                    "real_chunk": real_chunk}
-        for name, value in positive.items():
-            if int(value) < 1:
-                raise ValueError(f"IDM: {name} must be >= 1, got {value}")
-        for name, value in (("fetch_net_num", fetch_net_num),
-                            ("model_train_steps", model_train_steps)):
-            if int(value) < 0:
-                raise ValueError(f"IDM: {name} must be >= 0, got {value}")
         self.real = real
         self.network_factory = network_factory
         self.num_classes = int(real.num_classes)
-        if syn_init.shape[0] % self.num_classes:
-            raise ValueError(f"{syn_init.shape[0]} synthetic images do not split evenly over "
-                             f"{self.num_classes} classes")
-        self.ipc = syn_init.shape[0] // self.num_classes
+        self.ipc = check_host_args("IDM", syn_init, self.num_classes, positive={
+            "num_iterations": num_iterations, "batch_real": batch_real, "net_num": net_num,
+            "net_generate_interval": net_generate_interval, "initial_nets": initial_nets,
+            "train_net_num": train_net_num, "trained_bs": trained_bs,
+            "meter_interval": meter_interval, "real_chunk": real_chunk},
+            nonnegative={"fetch_net_num": fetch_net_num, "model_train_steps": model_train_steps})
         self.num_iterations = int(num_iterations)
         self.augment, self.decode = augment, decode
         self.batch_real = int(batch_real)
@@ -474,15 +464,8 @@ class IDM:
                 "queue": self.queue.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["syn"].shape) != tuple(self.syn.shape):
-            raise ValueError(f"checkpoint holds synthetic images of shape "
-                             f"{tuple(state['syn'].shape)}, this run expects "
-                             f"{tuple(self.syn.shape)}")
-        with torch.no_grad():
-            self.syn.copy_(state["syn"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_synthetic(self, state)
         self.queue.load_state_dict(state["queue"])
-        self.iteration = int(state["iteration"])
 
 
 def _flat_real(real, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
