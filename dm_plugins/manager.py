@@ -220,6 +220,12 @@ class PluginSet:
         """True when some plugin implements ``dm_select_real`` (loops may skip mask work)."""
         return bool(self.pm.hook.dm_select_real.get_hookimpls())
 
+    @property
+    def adds_losses(self) -> bool:
+        """True when some plugin implements ``dm_auxiliary_loss`` (a host whose own auxiliary
+        step the plugins replace, e.g. DANCE's inter-class step, asks this)."""
+        return bool(self.pm.hook.dm_auxiliary_loss.get_hookimpls())
+
     # -- the calls a loop makes ----------------------------------------------------------
     @property
     def num_iterations(self) -> int:

@@ -62,3 +62,25 @@ def pool(toy, tiny_factory):
     return ExpertPool.train(tiny_factory, toy.images, toy.labels, num_experts=2, epochs=6,
                             seed=0, batch_size=16, lr=0.05, progress=False,
                             meta={"arch": "tiny", "num_classes": 3, "dataset": "toy"})
+
+
+@pytest.fixture()
+def random_experts(monkeypatch):
+    """Random stand-ins for trained experts: the CLI's wiring does not depend on how well the
+    experts were trained, and training them would dominate the test's time."""
+    from baselines.harness import expert_cache
+    from baselines.harness.networks import get_network
+    from dm_plugins import Expert, ExpertPool
+    from dm_plugins.experts import build_network
+    from dm_plugins.seeding import reinitialize_
+
+    def stand_in(dataset, arch, *, num_experts, seed, **_):
+        def factory():
+            return get_network(arch, dataset.channels, dataset.num_classes, dataset.image_size)
+        states = [{n: v.clone() for n, v in reinitialize_(build_network(factory), s)
+                   .state_dict().items()} for s in range(2 * num_experts)]
+        experts = [Expert(states[2 * k], states[2 * k + 1], {"note": "random stand-in"})
+                   for k in range(num_experts)]
+        return ExpertPool(experts, factory, seed=seed), None
+
+    monkeypatch.setattr(expert_cache, "load_or_train_experts", stand_in)

@@ -73,11 +73,12 @@ class Host(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-BuildHost = Callable[["Dataset", Callable[[], "nn.Module"], torch.Tensor, "PluginSet", dict,
-                      torch.device, bool], Host]
-"""``build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last)``:
-``syn_init`` are the stored synthetic images (normalised, sorted by class, factorised when
-``config["factor"] > 1``); ``config`` is the resolved config (config.json)."""
+BuildHost = Callable[..., Host]
+"""``build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last)``
+(plus ``experts=`` when the method's spec says ``needs_experts``): ``syn_init`` are the stored
+synthetic images (normalised, sorted by class, factorised when ``config["factor"] > 1``);
+``config`` is the resolved config (config.json). The host's ``run`` returns the stored images
+normalised, or in pixel space when the host has ``stores_pixels = True``."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class MethodSpec:
             preset too (no overrides), and the default.
         embedded_budget: defaults on the embedded dataset (below presets, above the method's).
         prog: the program name in ``--help`` (default ``baselines/<name>.py``).
+        needs_experts: the method itself uses the expert pool (DANCE): experts are loaded or
+            trained for every run, and ``build_host`` gets them as the keyword ``experts``.
     """
 
     name: str
@@ -126,6 +129,7 @@ class MethodSpec:
     presets: Mapping[str, Preset] = field(default_factory=dict)
     embedded_budget: Mapping[str, Any] = field(default_factory=lambda: dict(EMBEDDED_BUDGET))
     prog: str | None = None
+    needs_experts: bool = False
 
     def __post_init__(self):
         missing = [key for key in LAYERED if key not in self.defaults]
@@ -197,7 +201,8 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--lam", type=float, default=1.0, help="ptm: lambda >= 1; injection ratio r = (t/lambda)/T")
     a("--tau", type=float, default=0.1, help="plm: sharpening temperature")
     a("--experts", default=None,
-      help="expert directory for plugins that need experts (ptm, plm); trained and saved there "
+      help="expert directory for methods and plugins that need experts (dance, ptm, plm); "
+           "trained and saved there "
            "if empty (default: a cache entry under ./experts keyed by dataset, arch, epochs, "
            "seed; env DM_PLUGINS_EXPERTS moves the cache root)")
     a("--num-experts", type=int, default=None, help=f"experts to train/use {d('num_experts')}")
@@ -206,7 +211,8 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--factor", type=int, default=None,
       help=f"factorisation factor f: each stored image holds f x f images {d('factor')}")
     a("--lr-img", type=float, default=None,
-      help=f"image learning rate in normalised space {d('lr_img')}")
+      help=f"image learning rate (in the space the method stores images in: normalised for "
+           f"dm and idm, pixels in [0, 1] for dance) {d('lr_img')}")
     a("--momentum", type=float, default=None, help=f"image optimiser momentum {d('momentum')}")
     a("--batch-real", type=int, default=None,
       help=f"real images per class per iteration {d('batch_real')}")
@@ -223,7 +229,7 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--eval-epochs", type=int, default=None,
       help=f"epochs per evaluation run {d('eval_epochs')}")
     a("--eval-arch", default="convnet", help="comma list: convnet, resnet10, resnet18, densenet121")
-    a("--eval-protocol", choices=["dm", "dance"], default="dm",
+    a("--eval-protocol", choices=["dm", "dance"], default=spec.defaults.get("eval_protocol", "dm"),
       help="dm: DSA; dance: DSA + CutMix (p 0.5)")
     a("--channels-last", choices=["auto", "on", "off"], default="auto",
       help="channels-last memory format for the networks; auto = on for CPU (measured faster, "
@@ -412,7 +418,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                            dataset.image_size)
 
     experts = None
-    if plugins_need_experts(config["plugins"]):
+    if spec.needs_experts or plugins_need_experts(config["plugins"]):
         experts, _ = load_or_train_experts(
             dataset, config["arch"], num_experts=config["num_experts"],
             epochs=config["expert_epochs"], seed=config["seed"], directory=config["experts"],
@@ -421,7 +427,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                                    lam=config["lam"], tau=config["tau"])
     syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
                                  config["seed"])
-    host = spec.build_host(dataset, factory, syn_init, plugins, config, device, channels_last)
+    host = spec.build_host(dataset, factory, syn_init, plugins, config, device, channels_last,
+                           **({"experts": experts} if spec.needs_experts else {}))
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         host.load_state_dict(checkpoint["host"])
@@ -438,6 +445,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
 
     started = time.perf_counter()
     stored = host.run(callback=after_iteration, progress=progress)
+    if getattr(host, "stores_pixels", False):  # e.g. DANCE: pixel space -> normalised
+        stored = dataset.normalize(stored.detach().cpu())
     log(f"distillation done: {config['iterations']} iterations in "
         f"{time.perf_counter() - started:.1f} s, peak memory {peak_memory_mb(device):.0f} MiB")
     save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],

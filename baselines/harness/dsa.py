@@ -23,6 +23,7 @@ All ops are differentiable w.r.t. ``x``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional
 
@@ -34,6 +35,17 @@ __all__ = ["DSA", "OPS"]
 
 #: Every op name a strategy may contain.
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+_GEOMETRIC = ("crop", "scale", "rotate")
+
+
+def _group_index(groups: Optional[Tensor], n: int) -> tuple[Tensor, int]:
+    """(per-image index of its group among the sorted distinct ids, number of groups)."""
+    if groups is None:
+        return torch.zeros(n, dtype=torch.long), 1
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+    _, inverse = torch.unique(groups.cpu(), sorted=True, return_inverse=True)
+    return inverse, int(inverse.max()) + 1
 
 
 class DSA:
@@ -215,14 +227,7 @@ class DSA:
         if not self.ops or x.shape[0] == 0:
             return x
         n, _, h, w = x.shape
-        if groups is None:
-            inverse = torch.zeros(n, dtype=torch.long)
-            num_groups = 1
-        else:
-            if groups.shape != (n,):
-                raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
-            _, inverse = torch.unique(groups.cpu(), sorted=True, return_inverse=True)
-            num_groups = int(inverse.max()) + 1
+        inverse, num_groups = _group_index(groups, n)
         choice = torch.randint(len(self.ops), (num_groups,), generator=generator,
                                device=generator.device).cpu()
         group_params = [self.draw_params(op, num_groups, h, w, generator) for op in self.ops]
@@ -247,6 +252,45 @@ class DSA:
             # every image is written exactly once; autograd tracks the in-place copies
             out.index_copy_(0, idx_dev, y)
         return out
+
+    def sequence(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator) -> Tensor:
+        """Siamese augmentation that applies the whole strategy, as IDC's ``DiffAug`` (which
+        DANCE matches with, strategy ``color_crop_cutout``): ``flip`` and ``color`` first, then
+        one geometric op (``crop``, ``scale`` or ``rotate``; one picked per group when the
+        strategy has several), then ``cutout``. One parameter draw per group, as
+        :meth:`siamese`; ``groups`` and ``generator`` as there.
+
+        Consumes from ``generator``, in order: the parameters of flip, color (if in the
+        strategy), the choice and the parameters of the geometric ops, then cutout's.
+        """
+        if not self.ops or x.shape[0] == 0:
+            return x
+        n, _, h, w = x.shape
+        inverse, num_groups = _group_index(groups, n)
+
+        def draw(op: str) -> Dict[str, Tensor]:
+            return {k: v.cpu()[inverse]
+                    for k, v in self.draw_params(op, num_groups, h, w, generator).items()}
+
+        for op in ("flip", "color", "brightness", "saturation", "contrast"):
+            if op in self.ops:
+                x = self.apply(op, x, draw(op))
+        geometric = [op for op in self.ops if op in _GEOMETRIC]
+        if len(geometric) == 1:
+            x = self.apply(geometric[0], x, draw(geometric[0]))
+        elif geometric:
+            x = DSA.from_ops(self, geometric).siamese(x, groups, generator)
+        if "cutout" in self.ops:
+            x = self.apply("cutout", x, draw("cutout"))
+        return x
+
+    @classmethod
+    def from_ops(cls, template: "DSA", ops: List[str]) -> "DSA":
+        """A DSA with ``template``'s parameters and the strategy ``ops``."""
+        other = copy.copy(template)
+        other.ops = list(ops)
+        other.strategy = "_".join(ops) if ops else "none"
+        return other
 
     def per_image(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Evaluation-mode augmentation: one op chosen for the whole call (as DM's single-op

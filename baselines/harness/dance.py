@@ -1,0 +1,264 @@
+"""DANCE (Zhang et al., "DANCE: Dual-View Distribution Alignment for Dataset Condensation",
+IJCAI 2024) as a host loop; the facts it follows are in ``docs/methods.md#idm-and-dance``.
+
+This module is the method only: it calls no dm_plugins hook. It names the points where a hook
+can go, as methods a subclass overrides (``adapters/dance.py`` does), plus :meth:`DANCE.start`
+/ :meth:`DANCE.close` around a run:
+
+* :meth:`DANCE.matching_extractor` -- the network of the inner-class step (DANCE: the middle
+  model of iteration ``t``);
+* :meth:`DANCE.select_real` -- which real features of a class are matched (DANCE: all);
+* :meth:`DANCE.inter_class_losses` -- the named losses of the inter-class step (DANCE:
+  ``{"ce": CE(trained expert(images), hard labels)}``).
+
+The stored images live in pixel space [0, 1]; every view of them the networks see is normalised
+first (the reference normalises inside its augmentation). One iteration ``t``:
+
+1. the stored images are clamped to [0, 1];
+2. the expert ``k = experts.pick(t)`` and a mixing weight ``l ~ U(0, 1)``; the middle model has
+   the parameters ``l * theta_init + (1 - l) * theta_star`` of expert ``k`` (a fresh
+   interpolation, never compounded);
+3. inner-class view, per class ``c`` in order: ``batch_real`` real images of the class and the
+   class's decoded synthetic images (at most ``batch_syn_max``, a random subset beyond that)
+   get one Siamese augmentation draw (IDC's ``color_crop_cutout``: all three ops) and the loss
+   ``|| mean f(real_c) - mean f(syn_c) ||^2`` through the middle model; one SGD step on the
+   stored images;
+4. inter-class view, ``iter_calib`` times, per class ``c``: the class's decoded synthetic images,
+   a new augmentation draw, ``CE(expert_k(images), c)`` through expert ``k``'s trained weights
+   (hard labels, weight 1); one SGD step.
+
+One SGD optimiser (lr ``0.01 x IPC``, momentum 0.5) holds every stored image, so both views'
+per-class steps share one momentum buffer. Every random draw comes from a generator derived
+from the run seed and ``t`` (and the class or step), so a resumed run equals an uninterrupted one.
+
+Deliberate differences from the reference code (none changes a loss):
+
+* Randomness is seeded (the reference draws from the global, clock-seeded generators).
+* The expert of iteration ``t`` is :meth:`dm_plugins.ExpertPool.pick` (a fixed function of the
+  seed and ``t``; the reference draws it uniformly at random), so PTM and PLM use the same expert
+  when they replace parts of DANCE.
+* No evaluation during distillation and no selection of a synthetic set by test accuracy.
+* The returned set is clamped to [0, 1] once more after the last step (the reference clamps at
+  the start of every iteration and evaluates what the last step left).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dm_plugins.experts import ExpertPool
+from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
+from dm_plugins.seeding import make_generator
+from dm_plugins.trajectory import interpolate_parameters_
+
+__all__ = ["DANCE", "middle_ratio"]
+
+_MIX_STREAM = 0xDA0    # the mixing weight l of iteration t
+_REAL_STREAM = 0xDA1   # the real batch of (t, class)
+_AUG_STREAM = 0xDA2    # the augmentation draw of (t, view, step, class)
+_SUB_STREAM = 0xDA3    # the subset of decoded synthetic images of (t, view, step, class)
+
+_INNER, _INTER = 0, 1
+
+
+def middle_ratio(mix: float) -> float:
+    """DANCE's middle model ``l * theta_init + (1 - l) * theta_star`` written as
+    ``r * theta_star + (1 - r) * theta_init``: ``r = 1 - l``."""
+    return 1.0 - mix
+
+
+class DANCE:
+    """DANCE over class-indexed real data (normalised) with stored images in pixel space.
+
+    Args:
+        real: class-indexed real data, normalised (:class:`dm_plugins.ClassIndexedTensors`).
+        experts: the pretrained experts (initial and trained weights; the same pool PTM and
+            PLM use).
+        syn_init: (C * ipc, C_img, H, W) stored images in pixel space [0, 1], sorted by class.
+        normalize: pixel space -> the networks' input space (differentiable), e.g.
+            ``dataset.normalize``.
+        num_iterations: T (reference: 10,000).
+        augment: Siamese augmentation ``augment(images, groups, generator)`` applied to
+            normalised images (IDC's ``color_crop_cutout``: ``DSA("color_crop_cutout").sequence``),
+            or None.
+        decode: stored -> matched images, ``decode(stored, labels)`` (factor-2 multi-formation),
+            or None.
+        batch_real: real images per class in the inner-class step (128).
+        batch_syn_max: most decoded synthetic images per class in a step (200).
+        lr, momentum: the image optimiser (reference: ``0.01 * ipc``, 0.5).
+        iter_calib: inter-class passes per iteration (1).
+        seed: all random draws derive from it.
+        channels_last: networks and images in channels-last memory format.
+    """
+
+    def __init__(self, real, experts: ExpertPool, syn_init: torch.Tensor, *,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], num_iterations: int,
+                 augment=None, decode=None, batch_real: int = 128, batch_syn_max: int = 200,
+                 lr: float = 0.1, momentum: float = 0.5, iter_calib: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu", channels_last: bool = False,
+                 extra: dict | None = None):
+        self.real = real
+        self.experts = experts
+        self.num_classes = int(real.num_classes)
+        self.ipc = check_host_args("DANCE", syn_init, self.num_classes, positive={
+            "num_iterations": num_iterations, "batch_real": batch_real,
+            "batch_syn_max": batch_syn_max}, nonnegative={"iter_calib": iter_calib})
+        if len(experts) < 1:
+            raise ValueError("DANCE needs at least one expert")
+        self.normalize = normalize
+        self.num_iterations = int(num_iterations)
+        self.augment, self.decode = augment, decode
+        self.batch_real, self.batch_syn_max = int(batch_real), int(batch_syn_max)
+        self.iter_calib = int(iter_calib)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.extra = dict(extra or {})
+        self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
+        self.syn_labels = torch.arange(self.num_classes,
+                                       device=self.device).repeat_interleave(self.ipc)
+        self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
+        self._middle = experts.network(self.device, self.memory_format)
+        self.iteration = 0
+        self._started = False
+
+    # -- the hook points: a subclass (adapters/dance.py) overrides these -------------------
+    def matching_extractor(self, t: int, middle: Callable[[], nn.Module]) -> nn.Module:
+        """The network of iteration ``t``'s inner-class step. DANCE: the middle model
+        (``middle()`` builds it; it is only called when needed)."""
+        return middle()
+
+    def select_real(self, label: int, real_features: torch.Tensor, syn_features: torch.Tensor,
+                    t: int) -> torch.Tensor:
+        """The real features of class ``label`` that are matched. DANCE: all of them."""
+        return real_features
+
+    def inter_class_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
+                           t: int) -> dict[str, torch.Tensor]:
+        """The named losses of one class's inter-class step (images decoded, augmented and
+        normalised). DANCE: cross-entropy through the trained expert of ``t`` with the hard
+        labels, weight 1."""
+        expert = self.experts.trained_network(self.experts.pick(t), self.device,
+                                              self.memory_format)
+        return {"ce": F.cross_entropy(expert(syn_images), syn_labels)}
+
+    def start(self) -> None:
+        """Called once before the first iteration (idempotent)."""
+        self._started = True
+
+    def close(self) -> None:
+        """Called once after the last iteration, also on errors (idempotent)."""
+        self._started = False
+
+    # -- pieces of one iteration -----------------------------------------------------------
+    def mixing_weight(self, t: int) -> float:
+        """DANCE's ``l ~ U(0, 1)`` of iteration ``t``."""
+        return float(torch.rand((), generator=make_generator(self.seed, _MIX_STREAM, t)))
+
+    def middle_model(self, t: int) -> nn.Module:
+        """The middle model of iteration ``t``: expert ``pick(t)``'s parameters at
+        ``l * theta_init + (1 - l) * theta_star``, written into one preallocated network."""
+        theta_init, theta_star = self.experts.parameter_pair(self.experts.pick(t), self.device)
+        interpolate_parameters_(list(self._middle.parameters()), theta_init, theta_star,
+                                middle_ratio(self.mixing_weight(t)))
+        return self._middle
+
+    def synthetic_view(self, c: int, t: int, view: int, step: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ``c``'s stored images decoded (pixel space), at most ``batch_syn_max`` of
+        them (a random subset beyond that), and their labels."""
+        rows = slice(c * self.ipc, (c + 1) * self.ipc)
+        images, labels = self.syn[rows], self.syn_labels[rows]
+        if self.decode is not None:
+            images, labels = self.decode(images, labels)
+        if images.shape[0] > self.batch_syn_max:
+            g = make_generator(self.seed, _SUB_STREAM, t, view, step, c)
+            keep = torch.randperm(images.shape[0], generator=g)[:self.batch_syn_max]
+            images, labels = images[keep.to(images.device)], labels[keep.to(labels.device)]
+        return images, labels
+
+    def _augment(self, x: torch.Tensor, c: int, t: int, view: int, step: int) -> torch.Tensor:
+        if self.augment is not None:  # one Siamese group: a single draw for the whole batch
+            groups = torch.zeros(x.shape[0], dtype=torch.long)
+            x = self.augment(x, groups, make_generator(self.seed, _AUG_STREAM, t, view, step, c))
+        return x.contiguous(memory_format=self.memory_format)
+
+    def inner_class_loss(self, extractor: nn.Module, c: int, t: int
+                         ) -> tuple[torch.Tensor, int, int]:
+        """Class ``c``'s matching loss at ``t``, real samples drawn and kept."""
+        g = make_generator(self.seed, _REAL_STREAM, t, c)
+        real = self.real.sample(c, self.batch_real, g).to(self.device)
+        syn, _ = self.synthetic_view(c, t, _INNER, 0)
+        both = self._augment(torch.cat([real, self.normalize(syn)]), c, t, _INNER, 0)
+        real_aug, syn_aug = both[:real.shape[0]], both[real.shape[0]:]
+        with torch.no_grad():
+            real_features = extractor.embed(real_aug)
+        syn_features = extractor.embed(syn_aug)
+        kept = self.select_real(c, real_features, syn_features, t)
+        loss = ((kept.mean(0) - syn_features.mean(0)) ** 2).sum()
+        return loss, real.shape[0], int(kept.shape[0])
+
+    def _image_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def step(self, t: int | None = None) -> dict:
+        """Run iteration ``t`` (default: the next one); return its metrics: ``loss`` (both
+        views summed over classes), ``loss_match`` (inner-class), ``loss_<name>`` per
+        inter-class loss (summed over classes and passes), ``mix`` (DANCE's ``l``),
+        ``expert``, ``real_kept``."""
+        t = self.iteration if t is None else t
+        self.start()
+        begin = time.perf_counter()
+        with torch.no_grad():
+            self.syn.clamp_(0.0, 1.0)
+        extractor = self.matching_extractor(t, lambda: self.middle_model(t))
+        match, drawn, kept = 0.0, 0, 0
+        for c in range(self.num_classes):
+            loss, n_real, n_kept = self.inner_class_loss(extractor, c, t)
+            self._image_step(loss)
+            match += float(loss.detach())
+            drawn, kept = drawn + n_real, kept + n_kept
+        inter: dict[str, float] = {}
+        for step in range(self.iter_calib):
+            for c in range(self.num_classes):
+                syn, labels = self.synthetic_view(c, t, _INTER, step)
+                syn_aug = self._augment(self.normalize(syn), c, t, _INTER, step)
+                losses = self.inter_class_losses(syn_aug, labels, t)
+                if not losses:
+                    continue
+                self._image_step(sum(losses.values()))
+                for name, value in losses.items():
+                    inter[name] = inter.get(name, 0.0) + float(value.detach())
+        metrics = {"loss": match + sum(inter.values()), "loss_match": match}
+        metrics.update({f"loss_{name}": value for name, value in inter.items()})
+        metrics["mix"] = self.mixing_weight(t)
+        metrics["expert"] = self.experts.pick(t)
+        metrics["real_kept"] = kept / max(drawn, 1)
+        self.iteration = t + 1
+        metrics["iteration"] = t
+        metrics["seconds"] = time.perf_counter() - begin
+        return metrics
+
+    # -- the whole run ---------------------------------------------------------------------
+    def run(self, callback: Callable[[int, dict], None] | None = None,
+            progress: bool = True) -> torch.Tensor:
+        """Run from :attr:`iteration` to T; ``callback(t, metrics)`` after each iteration.
+        Returns the stored images in pixel space, clamped to [0, 1] (detached)."""
+        run_iterations(self, self.start, callback, progress, desc="distill (dance)")
+        return self.syn.detach().clamp(0.0, 1.0)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: next iteration, stored images and the image
+        optimiser's state (the experts are read-only and saved elsewhere)."""
+        return {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_synthetic(self, state)
