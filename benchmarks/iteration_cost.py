@@ -16,6 +16,11 @@ so that drift in machine speed affects them alike) for:
                   real images; ``idm+all``: IDM with cap, ptm and plm. Both use the shared
                   ``--batch-real`` and ``--factor`` (pass ``--factor 2`` for IDM's own 2x2
                   partition); ``--compile`` does not apply to them.
+- ``dance``:      DANCE (``adapters/dance.py``, channels-last): the middle model, per-class
+                  matching steps, per-class CE steps through the trained expert (image lr
+                  0.01 x IPC, at most 200 decoded images per class); ``dance+all``: DANCE with
+                  cap, ptm and plm (plm in place of the CE step). Shared ``--batch-real`` and
+                  ``--factor`` (DANCE's own: 128 and 2); no ``--compile``.
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
 reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
@@ -43,9 +48,11 @@ if __package__ in (None, ""):
 
 import torch
 
-VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all", "idm", "idm+all")
+VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all", "idm", "idm+all", "dance",
+            "dance+all")
 PLUGINS = {"naive": None, "host-nchw": "none", "host": "none", "cap": "cap", "ptm": "ptm",
-           "plm": "plm", "all": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm"}
+           "plm": "plm", "all": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
+           "dance": "none", "dance+all": "cap,ptm,plm"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +141,15 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                               num_iterations=args.warmup + args.repeats,
                               batch_real=args.batch_real, seed=args.seed, channels_last=True)
         host.start()  # plugin setup is a one-off, not per iteration
+        return host.step, host.close
+    if variant.startswith("dance"):
+        from adapters.dance import build_dance_host
+        host = build_dance_host(data, experts, syn_init, plugins=plugins, factor=args.factor,
+                                augment=not args.no_dsa, device=device,
+                                num_iterations=args.warmup + args.repeats,
+                                batch_real=args.batch_real, lr=0.01 * ipc, seed=args.seed,
+                                channels_last=True)
+        host.start()
         return host.step, host.close
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,

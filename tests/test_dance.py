@@ -413,3 +413,9 @@ def test_image_lr_rule():
             self.name, self.image_size = name, size
     assert dance_cli.dance_image_lr(D("cifar10", 32), {"ipc": 10}) == pytest.approx(0.1)
     assert dance_cli.dance_image_lr(D("imagenette", 128), {"ipc": 10}) == pytest.approx(1.0)
+
+
+def test_adds_losses_names_the_plugin_sets_that_replace_the_ce_step(pool):
+    assert not PluginSet().adds_losses
+    assert not PluginSet.from_names("cap,ptm", experts=pool).adds_losses
+    assert PluginSet.from_names("plm", experts=pool).adds_losses
