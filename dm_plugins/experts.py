@@ -228,6 +228,8 @@ class ExpertPool:
                       images: torch.Tensor, labels: torch.Tensor, *, num_experts: int = 5,
                       epochs: int = 70, seed: int = 0, lr: float = 0.01, momentum: float = 0.9,
                       weight_decay: float = 5e-4, batch_size: int = 256,
+                      lr_milestones: Sequence[int] = (), lr_gamma: float = 0.1,
+                      cutmix_p: float = 0.0,
                       augment: Callable | None = None, augment_name: str | None = None,
                       test_images: torch.Tensor | None = None,
                       test_labels: torch.Tensor | None = None,
@@ -247,6 +249,8 @@ class ExpertPool:
         70 epochs, batch 256) uses **no augmentation unless** ``augment(x, generator) -> x`` is
         given; name it with ``augment_name`` (recorded in the manifest and compared on load).
         The command-line baselines pass per-image DSA (``augment_name="dsa"``).
+        ``lr_milestones`` (epochs where the lr is multiplied by ``lr_gamma``) and ``cutmix_p``
+        (CutMix probability per batch) give schedules such as DANCE's; all of it is recorded.
 
         Args:
             images, labels: normalised real training data (plain tensors).
@@ -258,7 +262,7 @@ class ExpertPool:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
         directory = Path(directory)
         pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
-                               augment_name), **(meta or {})}
+                               augment_name, lr_milestones, lr_gamma, cutmix_p), **(meta or {})}
         manifest = _read_manifest(directory)
         if manifest is None and directory.exists() and any(directory.iterdir()):
             if not all(p.name.startswith(".") or p.name.startswith("expert_")
@@ -267,7 +271,8 @@ class ExpertPool:
                                   f"point to an empty or new directory")
         experts: list[Expert] = []
         if manifest is not None:
-            _check_expected(directory, manifest.get("meta", {}), pool_meta)
+            _check_expected(directory, _with_schedule_defaults(manifest.get("meta", {})),
+                            _with_schedule_defaults(pool_meta))
             have = min(int(manifest.get("num_experts", 0)), num_experts)
             experts = [_load_expert(directory, k) for k in range(have)]
             if log is not None and experts:
@@ -280,6 +285,7 @@ class ExpertPool:
             experts.append(train_expert(
                 network_factory, images, labels, index=k, epochs=epochs, seed=seed, lr=lr,
                 momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                lr_milestones=lr_milestones, lr_gamma=lr_gamma, cutmix_p=cutmix_p,
                 augment=augment, test_images=test_images, test_labels=test_labels,
                 device=device, progress=progress, channels_last=channels_last,
                 desc=f"expert {k + 1}/{num_experts}"))
@@ -299,7 +305,8 @@ class ExpertPool:
     def train(cls, network_factory: Callable[[], nn.Module], images: torch.Tensor,
               labels: torch.Tensor, *, num_experts: int = 5, epochs: int = 70, seed: int = 0,
               lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-              batch_size: int = 256, augment: Callable | None = None,
+              batch_size: int = 256, lr_milestones: Sequence[int] = (), lr_gamma: float = 0.1,
+              cutmix_p: float = 0.0, augment: Callable | None = None,
               test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
               device: str | torch.device = "cpu", progress: bool = True,
               meta: dict | None = None, channels_last: bool = False) -> "ExpertPool":
@@ -309,12 +316,14 @@ class ExpertPool:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
         experts = [train_expert(network_factory, images, labels, index=k, epochs=epochs,
                                 seed=seed, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                batch_size=batch_size, augment=augment, test_images=test_images,
+                                batch_size=batch_size, lr_milestones=lr_milestones,
+                                lr_gamma=lr_gamma, cutmix_p=cutmix_p, augment=augment,
+                                test_images=test_images,
                                 test_labels=test_labels, device=device, progress=progress,
                                 channels_last=channels_last, desc=f"expert {k + 1}/{num_experts}")
                    for k in range(num_experts)]
-        pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment),
-                     **(meta or {})}
+        pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
+                               None, lr_milestones, lr_gamma, cutmix_p), **(meta or {})}
         pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
         pool._check_distinct_inits()
         return pool
@@ -342,7 +351,8 @@ class ExpertPool:
 def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
                  labels: torch.Tensor, *, index: int, epochs: int, seed: int = 0,
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 batch_size: int = 256, augment: Callable | None = None,
+                 batch_size: int = 256, lr_milestones: Sequence[int] = (),
+                 lr_gamma: float = 0.1, cutmix_p: float = 0.0, augment: Callable | None = None,
                  test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  channels_last: bool = False, desc: str = "expert") -> Expert:
@@ -355,7 +365,8 @@ def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
     net.to(device)
     train_acc = train_classifier(
         net, images, labels, epochs=epochs, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, batch_size=batch_size, augment=augment,
+        weight_decay=weight_decay, batch_size=batch_size, lr_milestones=lr_milestones,
+        lr_gamma=lr_gamma, cutmix_p=cutmix_p, augment=augment,
         generator=make_generator(seed, _TRAIN_STREAM, index), device=device, progress=progress,
         desc=desc, channels_last=channels_last)
     meta = {"index": index, "epochs": epochs, "train_accuracy": train_acc}
@@ -365,13 +376,23 @@ def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
 
 
 def _recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
-            augment_name: str | None = None) -> dict:
-    """How experts were trained, as recorded in a pool's metadata and compared on reuse."""
+            augment_name: str | None = None, lr_milestones: Sequence[int] = (),
+            lr_gamma: float = 0.1, cutmix_p: float = 0.0) -> dict:
+    """How experts were trained, as recorded in a pool's metadata and compared on reuse.
+
+    The schedule keys (``lr_milestones``, ``lr_gamma``, ``cutmix_p``) are recorded only when a
+    schedule or CutMix is used, so pools saved before they existed compare equal to the
+    constant-lr recipe they were trained with."""
     if augment is not None and augment_name is None:
         augment_name = getattr(augment, "__qualname__", type(augment).__name__)
-    return {"epochs": int(epochs), "seed": int(seed), "lr": lr, "momentum": momentum,
-            "weight_decay": weight_decay, "batch_size": int(batch_size),
-            "augment": augment_name or "none"}
+    recipe = {"epochs": int(epochs), "seed": int(seed), "lr": lr, "momentum": momentum,
+              "weight_decay": weight_decay, "batch_size": int(batch_size),
+              "augment": augment_name or "none"}
+    if list(lr_milestones):
+        recipe.update(lr_milestones=[int(m) for m in lr_milestones], lr_gamma=lr_gamma)
+    if cutmix_p:
+        recipe["cutmix_p"] = cutmix_p
+    return recipe
 
 
 def _accuracy_text(expert: Expert) -> str:
@@ -392,6 +413,14 @@ def _read_manifest(directory: Path) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExpertError(f"{path} is not a dm_plugins expert manifest")
     return manifest
+
+
+_SCHEDULE_DEFAULTS = {"lr_milestones": [], "lr_gamma": 0.1, "cutmix_p": 0.0}
+"""Recipe keys :func:`_recipe` leaves out at these values."""
+
+
+def _with_schedule_defaults(recipe: dict) -> dict:
+    return {**_SCHEDULE_DEFAULTS, **recipe}
 
 
 def _check_expected(directory: Path, meta: dict, expect: dict | None) -> None:

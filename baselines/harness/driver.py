@@ -207,6 +207,10 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
            "seed; env DM_PLUGINS_EXPERTS moves the cache root)")
     a("--num-experts", type=int, default=None, help=f"experts to train/use {d('num_experts')}")
     a("--expert-epochs", type=int, default=None, help=f"epochs per expert {d('expert_epochs')}")
+    from .expert_cache import DEFAULT_RECIPE, RECIPES
+    a("--expert-recipe", choices=sorted(RECIPES), default=spec.defaults.get("expert_recipe",
+                                                                           DEFAULT_RECIPE),
+      help="how experts are trained: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     a("--arch", default="convnet", help="distillation / expert network")
     a("--factor", type=int, default=None,
       help=f"factorisation factor f: each stored image holds f x f images {d('factor')}")
@@ -318,6 +322,7 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
         "iterations": v["iterations"], "plugins": plugins, "alpha": v["alpha"],
         "lam": v["lam"], "tau": v["tau"], "experts": v["experts"],
         "num_experts": v["num_experts"], "expert_epochs": v["expert_epochs"],
+        "expert_recipe": v["expert_recipe"],
         "arch": v["arch"], "factor": v["factor"], "lr_img": v["lr_img"],
         "momentum": v["momentum"], "batch_real": v["batch_real"], "init": v["init"],
         "dsa": not v["no_dsa"], "seed": v["seed"], "device": v["device"],
@@ -422,6 +427,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         experts, _ = load_or_train_experts(
             dataset, config["arch"], num_experts=config["num_experts"],
             epochs=config["expert_epochs"], seed=config["seed"], directory=config["experts"],
+            recipe=config.get("expert_recipe", "ptlm"),
             device=device, progress=progress, channels_last=channels_last, log=log)
     plugins = PluginSet.from_names(config["plugins"], experts=experts, alpha=config["alpha"],
                                    lam=config["lam"], tau=config["tau"])

@@ -19,29 +19,60 @@ from .networks import get_network
 DEFAULT_CACHE_ROOT = "experts"
 CACHE_ENV = "DM_PLUGINS_EXPERTS"
 
+RECIPES = {
+    "ptlm": "SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, constant lr, per-image "
+            "DSA (PTLM's experts)",
+    "dance": "SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 64, lr x0.2 at 2/3 and 5/6 "
+             "of the epochs, per-image colour then crop (IDC's augmentation), CutMix p 0.5 "
+             "(DANCE's experts)",
+}
+"""The expert recipes by name (``--expert-recipe``); the cache key names the recipe."""
+DEFAULT_RECIPE = "ptlm"
 
-def cache_key(dataset: str, arch: str, epochs: int, seed: int) -> str:
-    """A readable directory name for the cache entry (paths are shortened to a hash). The
-    number of experts is not part of it: a cache grows expert by expert."""
+
+def recipe_arguments(name: str, epochs: int, dataset: Dataset) -> dict:
+    """The :meth:`dm_plugins.ExpertPool.load_or_train` keywords of recipe ``name``."""
+    if name == "ptlm":
+        augment = DSA(flip=not dataset.is_digit_like)
+        return {"batch_size": 256, "augment": augment.per_image, "augment_name": "dsa"}
+    if name == "dance":
+        augment = DSA("color_crop")
+
+        def per_image(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return augment.sequence(x, torch.arange(x.shape[0]), generator)
+        return {"batch_size": 64, "lr_milestones": (2 * epochs // 3, 5 * epochs // 6),
+                "lr_gamma": 0.2, "cutmix_p": 0.5, "augment": per_image,
+                "augment_name": "idc-color-crop"}
+    raise ValueError(f"unknown expert recipe {name!r}; choose from {', '.join(RECIPES)}")
+
+
+def cache_key(dataset: str, arch: str, epochs: int, seed: int,
+              recipe: str = DEFAULT_RECIPE) -> str:
+    """A readable directory name for the cache entry (paths are shortened to a hash), with a
+    ``-<recipe>`` suffix for any recipe but the default. The number of experts is not part of
+    it: a cache grows expert by expert."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", dataset).strip("-").lower()
     if dataset.startswith("imagefolder:"):
         path = os.path.abspath(dataset.split(":", 1)[1])
         slug = f"imagefolder-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-    return f"{slug}-{arch}-e{epochs}-s{seed}"
+    suffix = "" if recipe == DEFAULT_RECIPE else f"-{recipe}"
+    return f"{slug}-{arch}-e{epochs}-s{seed}{suffix}"
 
 
-def default_cache_dir(dataset: str, arch: str, epochs: int, seed: int) -> Path:
+def default_cache_dir(dataset: str, arch: str, epochs: int, seed: int,
+                      recipe: str = DEFAULT_RECIPE) -> Path:
     root = Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_ROOT))
-    return root / cache_key(dataset, arch, epochs, seed)
+    return root / cache_key(dataset, arch, epochs, seed, recipe)
 
 
 def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epochs: int,
                           seed: int, directory: str | Path | None = None,
+                          recipe: str = DEFAULT_RECIPE,
                           device: torch.device = torch.device("cpu"), progress: bool = True,
                           channels_last: bool = False, log: Callable[[str], None] = print) -> tuple[ExpertPool, Path]:
     """The first ``num_experts`` experts of ``directory`` (or the default cache entry), training
-    and saving the missing ones first with :meth:`dm_plugins.ExpertPool.load_or_train`
-    (per-image DSA, PTLM's recipe; resumable expert by expert).
+    and saving the missing ones first with :meth:`dm_plugins.ExpertPool.load_or_train` with
+    the named ``recipe`` (see :data:`RECIPES`; resumable expert by expert).
 
     A directory holding experts for another dataset, architecture, class count or recipe
     raises :class:`ExpertError` (never a silent retrain).
@@ -49,12 +80,12 @@ def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epoc
     def factory():
         return get_network(arch, dataset.channels, dataset.num_classes, dataset.image_size)
 
+    settings = recipe_arguments(recipe, epochs, dataset)
     path = Path(directory) if directory is not None else default_cache_dir(
-        dataset.name, arch, epochs, seed)
-    augment = DSA(flip=not dataset.is_digit_like)
+        dataset.name, arch, epochs, seed, recipe)
     pool = ExpertPool.load_or_train(
         path, factory, dataset.train.images, dataset.train.labels, num_experts=num_experts,
-        epochs=epochs, seed=seed, augment=augment.per_image, augment_name="dsa",
+        epochs=epochs, seed=seed, **settings,
         test_images=dataset.test.images, test_labels=dataset.test.labels, device=device,
         progress=progress, channels_last=channels_last,
         meta={"dataset": dataset.name, "arch": arch, "num_classes": dataset.num_classes},
