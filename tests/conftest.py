@@ -1,6 +1,8 @@
 """Tiny networks and data shared by the tests (seconds each, offline)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,27 @@ def random_experts(monkeypatch):
         return ExpertPool(experts, factory, seed=seed), None
 
     monkeypatch.setattr(expert_cache, "load_or_train_experts", stand_in)
+
+
+def count_calls(monkeypatch, cls, method: str, calls: dict, key: str) -> None:
+    """Patch ``cls.method`` (for the test) so each call adds 1 to ``calls[key]``."""
+    orig = getattr(cls, method)
+
+    @functools.wraps(orig)
+    def wrapper(self, *args, **kwargs):
+        calls[key] += 1
+        return orig(self, *args, **kwargs)
+    monkeypatch.setattr(cls, method, wrapper)
+
+
+@pytest.fixture()
+def hook_calls(monkeypatch):
+    """How often each built-in plugin's hook runs during the test, by plugin name."""
+    from dm_plugins import CapacityMatching, PseudoLabelMatching, PseudoTrajectoryMatching
+    hooks = {"cap": (CapacityMatching, "dm_select_real"),
+             "ptm": (PseudoTrajectoryMatching, "dm_provide_extractor"),
+             "plm": (PseudoLabelMatching, "dm_auxiliary_loss")}
+    calls = {name: 0 for name in hooks}
+    for name, (cls, method) in hooks.items():
+        count_calls(monkeypatch, cls, method, calls, name)
+    return calls

@@ -2,7 +2,6 @@
 whole-strategy augmentation (DSA.sequence) and the command line (baselines/dance.py): the middle
 model, both views' per-class steps against a hand-written iteration, clamping, each plugin's
 replace/add statement, resume, and the CLI on the embedded digits set."""
-import functools
 import io
 import itertools
 import json
@@ -19,10 +18,9 @@ from baselines.harness.dance import DANCE, middle_ratio
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.synset import load_synset
-from dm_plugins import (CapacityMatching, PluginSet, PseudoLabelMatching,
-                        PseudoTrajectoryMatching)
+from dm_plugins import PluginSet
 from dm_plugins.seeding import make_generator
-from tests.conftest import group_scale_augment
+from tests.conftest import count_calls, group_scale_augment
 
 C, IPC, T = 3, 1, 4
 SUBSETS = [c for r in range(4) for c in itertools.combinations(["cap", "ptm", "plm"], r)]
@@ -202,28 +200,12 @@ def test_adapter_without_plugins_equals_the_bare_method(toy, pool):
     grafted.close()
 
 
-def _counting(cls, method, calls, key):
-    orig = getattr(cls, method)
-
-    @functools.wraps(orig)
-    def wrapper(self, *args, **kwargs):
-        calls[key] += 1
-        return orig(self, *args, **kwargs)
-    return wrapper
-
-
-HOOKS = {"cap": (CapacityMatching, "dm_select_real"),
-         "ptm": (PseudoTrajectoryMatching, "dm_provide_extractor"),
-         "plm": (PseudoLabelMatching, "dm_auxiliary_loss")}
-
-
 @pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: ",".join(s) or "none")
-def test_every_plugin_subset_runs_exactly_its_hooks(subset, toy, pool, monkeypatch):
-    calls = {name: 0 for name in HOOKS}
-    for name, (cls, method) in HOOKS.items():
-        monkeypatch.setattr(cls, method, _counting(cls, method, calls, name))
+def test_every_plugin_subset_runs_exactly_its_hooks(subset, toy, pool, hook_calls,
+                                                    monkeypatch):
+    calls = hook_calls
     middles = {"middle": 0}
-    monkeypatch.setattr(DANCE, "middle_model", _counting(DANCE, "middle_model", middles, "middle"))
+    count_calls(monkeypatch, DANCE, "middle_model", middles, "middle")
     plugins = PluginSet.from_names(",".join(subset) or "none", experts=pool)
     host = make_host(toy, pool, DANCEHost, plugins, num_iterations=2)
     metrics = []

@@ -1,7 +1,6 @@
 """IDM as a host (baselines/harness/idm.py), its plugin adapter (adapters/idm.py) and its
 command line (baselines/idm.py): the queue, the class-aware term, the per-class image steps,
 each plugin's replace/add statement, resume, and the CLI on the embedded digits set."""
-import functools
 import io
 import itertools
 import json
@@ -17,8 +16,7 @@ from baselines import idm as idm_cli
 from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.idm import IDM
 from baselines.harness.synset import load_synset
-from dm_plugins import (CapacityMatching, PluginSet, PseudoLabelMatching,
-                        PseudoTrajectoryMatching)
+from dm_plugins import PluginSet
 from tests.conftest import group_scale_augment
 
 C, IPC, T = 3, 1, 4
@@ -229,27 +227,10 @@ def test_adapter_without_plugins_equals_the_bare_method(toy, tiny_factory):
     grafted.close()
 
 
-def _counting(cls, method, calls, key):
-    orig = getattr(cls, method)
-
-    @functools.wraps(orig)
-    def wrapper(self, *args, **kwargs):
-        calls[key] += 1
-        return orig(self, *args, **kwargs)
-    return wrapper
-
-
-HOOKS = {"cap": (CapacityMatching, "dm_select_real"),
-         "ptm": (PseudoTrajectoryMatching, "dm_provide_extractor"),
-         "plm": (PseudoLabelMatching, "dm_auxiliary_loss")}
-
-
 @pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: ",".join(s) or "none")
 def test_every_plugin_subset_runs_exactly_its_hooks(subset, toy, tiny_factory, pool,
-                                                    monkeypatch):
-    calls = {name: 0 for name in HOOKS}
-    for name, (cls, method) in HOOKS.items():
-        monkeypatch.setattr(cls, method, _counting(cls, method, calls, name))
+                                                    hook_calls):
+    calls = hook_calls
     plugins = PluginSet.from_names(",".join(subset) or "none", experts=pool)
     host = make_host(toy, tiny_factory, IDMHost, plugins, num_iterations=2)
     host.run(progress=False)
@@ -260,10 +241,8 @@ def test_every_plugin_subset_runs_exactly_its_hooks(subset, toy, tiny_factory, p
     assert host.plugins.context is None                     # torn down
 
 
-def test_two_matching_passes_call_the_hooks_per_pass(toy, tiny_factory, pool, monkeypatch):
-    calls = {name: 0 for name in HOOKS}
-    for name, (cls, method) in HOOKS.items():
-        monkeypatch.setattr(cls, method, _counting(cls, method, calls, name))
+def test_two_matching_passes_call_the_hooks_per_pass(toy, tiny_factory, pool, hook_calls):
+    calls = hook_calls
     plugins = PluginSet.from_names("cap,ptm,plm", experts=pool)
     host = make_host(toy, tiny_factory, IDMHost, plugins, num_iterations=2, train_net_num=2)
     host.run(progress=False)
