@@ -276,6 +276,15 @@ def test_expert_file_errors(tmp_path):
         ExpertPool.load(d, tiny)
 
 
+def test_an_expert_file_without_meta_loads(tmp_path):
+    e = hand_expert(0)
+    d = ExpertPool([e], tiny).save(tmp_path / "pool")
+    torch.save({"format": FORMAT, "init": e.init_state, "trained": e.trained_state},
+               d / "expert_0.pt")
+    loaded = ExpertPool.load(d, tiny).experts[0]
+    assert loaded.meta == {"index": 0} and states_equal(loaded.trained_state, e.trained_state)
+
+
 def test_an_expert_file_holding_a_pickled_object_is_refused(tmp_path):
     d = ExpertPool([hand_expert(0)], tiny).save(tmp_path / "pool")
     e = hand_expert(0)
@@ -505,3 +514,30 @@ def test_mean_test_accuracy():
                hand_expert(2, {"train_accuracy": 20.0})]
     assert ExpertPool(experts, tiny).mean_test_accuracy() == 75.0
     assert math.isnan(ExpertPool(experts[2:], tiny).mean_test_accuracy())
+
+
+# -- CUDA (skipped without a GPU): placement and the per-device caches ---------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_placement_and_caches_on_cuda(toy, spy, tmp_path):
+    d = tmp_path / "e"
+    pool = ExpertPool.load_or_train(d, tiny, toy.images, toy.labels, num_experts=1,
+                                    device="cuda", test_images=toy.images,
+                                    test_labels=toy.labels, **FAST)
+    assert [torch.device(c["device"]).type for c in spy.calls] == ["cuda"]
+    e = pool.experts[0]
+    assert {t.device.type for t in [*e.init_state.values(), *e.trained_state.values()]} == {"cpu"}
+    ExpertPool.train(tiny, toy.images, toy.labels, num_experts=1, device="cuda", **FAST)
+    assert torch.device(spy.calls[-1]["device"]).type == "cuda"
+    assert all(p.is_cuda for p in pool.network("cuda").parameters())
+    cpu_pair, cuda_pair = pool.parameter_pair(0), pool.parameter_pair(0, "cuda")
+    assert all(t.device.type == "cpu" for t in cpu_pair[0] + cpu_pair[1])
+    assert all(t.is_cuda for t in cuda_pair[0] + cuda_pair[1])
+    cpu_net, cuda_net = pool.trained_network(0), pool.trained_network(0, "cuda")
+    assert cuda_net is not cpu_net and all(p.is_cuda for p in cuda_net.parameters())
+    assert all(not p.is_cuda for p in cpu_net.parameters())
+    # a file written from CUDA tensors loads onto the CPU
+    write_expert_file(d, 0, Expert({n: t.cuda() for n, t in e.init_state.items()},
+                                   {n: t.cuda() for n, t in e.trained_state.items()}, e.meta))
+    loaded = ExpertPool.load(d, tiny).experts[0]
+    assert {t.device.type for t in [*loaded.init_state.values(),
+                                    *loaded.trained_state.values()]} == {"cpu"}
