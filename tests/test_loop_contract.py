@@ -234,3 +234,56 @@ def test_real_kept_is_one_with_a_single_real_image():
     host = DMHost(data, lambda: TinyNet(channels=1, num_classes=1), data.images[:1],
                   num_iterations=1, batch_real=1)
     assert host.step()["real_kept"] == 1.0
+
+
+# -- the run loop and its progress bar ------------------------------------------------------------
+class FakeBar:
+    """Stands in for tqdm: records the constructor arguments and the postfix calls."""
+    made = []
+
+    def __init__(self, iterable, **kwargs):
+        self.iterable, self.kwargs, self.postfix = list(iterable), kwargs, []
+        FakeBar.made.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        self.postfix.append(kwargs)
+
+
+def test_run_resumes_with_a_progress_bar_and_calls_back(toy, tiny_factory, monkeypatch):
+    import dm_plugins.loop as loop
+    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    FakeBar.made = []
+    rec = Recorder()
+    host = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=3, batch_real=2,
+                  plugins=PluginSet([rec]))
+    host.step(0)                                          # resume from iteration 1
+    seen = []
+    out = host.run(callback=lambda t, m: seen.append((t, m)))
+    bar, = FakeBar.made
+    assert bar.iterable == [1, 2]
+    assert bar.kwargs == {"total": 3, "initial": 1, "desc": "distill", "disable": False}
+    assert [t for t, _ in seen] == [1, 2] and [m["iteration"] for _, m in seen] == [1, 2]
+    assert bar.postfix == [{"loss": f"{m['loss']:.3g}", "s_it": f"{m['seconds']:.2f}"}
+                           for _, m in seen]
+    assert torch.equal(out, host.syn.detach()) and not out.requires_grad
+    assert host.iteration == 3 and len(rec.teardowns) == 1
+
+    quiet = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=1, batch_real=2)
+    quiet.run(progress=False)
+    assert FakeBar.made[-1].kwargs["disable"] is True
+
+
+def test_run_tears_down_when_a_callback_fails(toy, tiny_factory):
+    rec = Recorder()
+    host = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=3, batch_real=2,
+                  plugins=PluginSet([rec]))
+
+    def stop(t, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        host.run(callback=stop, progress=False)
+    assert host.iteration == 1 and len(rec.teardowns) == 1
