@@ -191,8 +191,9 @@ class PluginSet:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
+            detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             raise PluginError(f"plugin {name!r} does not match the dm_plugins hook specs: "
-                              f"{exc}") from None
+                              f"{detail}") from None
         providers = [impl.plugin_name for impl in self.pm.hook.dm_provide_extractor.get_hookimpls()]
         if len(providers) > 1:
             self.pm.unregister(plugin)
