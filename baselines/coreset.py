@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,15 +19,33 @@ METHODS = ("random",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baselines/coreset.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from baselines.harness.validation import OneLineParser
+    p = OneLineParser(prog="baselines/coreset.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="random", help="coreset selection")
     p.add_argument("--dataset", default="digits", help="any harness dataset name")
     p.add_argument("--data-path", default="data", help="where downloadable datasets live")
     p.add_argument("--ipc", type=int, default=10, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="selection seed")
     p.add_argument("--out", required=True, help="output directory (synthetic.pt, grid.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the synthetic set of an existing --out (never done otherwise)")
     return p
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Never overwrite a run: refuse an --out that is a file or already holds a synthetic set or
+    a distillation run, unless --overwrite (which replaces only a coreset's own files)."""
+    from baselines.harness.common import UsageError
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if (path / "config.json").exists():
+        raise UsageError(f"--out {out} holds a distillation run (config.json); choose another "
+                         f"--out")
+    if (path / "synthetic.pt").exists() and not overwrite:
+        raise UsageError(f"--out {out} already holds a synthetic set; choose another --out or "
+                         f"pass --overwrite to replace it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from baselines.harness.errors import USER_ERRORS
     from baselines.harness.runs import RunDir
     try:
+        _check_out(args.out, args.overwrite)
         args.dataset = canonical_dataset_name(args.dataset)
         dataset = load_dataset(args.dataset, args.data_path)
         check_ipc(dataset, args.ipc, 1, "real")

@@ -90,7 +90,7 @@ SPEC = MethodSpec(
                 "which plugins are on. On the embedded 'digits' set some defaults are smaller "
                 "so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
-    needs_experts=True)
+    needs_experts=True, checks={"batch_syn_max": "positive", "iter_calib": "nonnegative"})
 
 
 def build_parser():

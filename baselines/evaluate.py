@@ -38,7 +38,8 @@ class CLIError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from baselines.harness.validation import OneLineParser
+    p = OneLineParser(
         description="Evaluate a synthetic set (final-epoch test accuracy, mean ± population std "
                     "over runs); writes evaluation.json next to the set.")
     p.add_argument("synset", help="path to the synthetic-set file (e.g. RUN/synthetic.pt)")

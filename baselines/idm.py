@@ -137,7 +137,11 @@ SPEC = MethodSpec(
                 "never from which plugins are on. On the embedded 'digits' set some defaults "
                 "are smaller so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
-    embedded_budget=EMBEDDED)
+    embedded_budget=EMBEDDED,
+    checks={"ce_weight": "nonnegative", "net_num": "positive", "net_generate_interval": "positive",
+            "train_net_num": "positive", "fetch_net_num": "nonnegative",
+            "model_train_steps": "nonnegative", "trained_bs": "positive",
+            "lr_net": "positive_float", "meter_interval": "positive"})
 
 
 def build_parser():

@@ -39,9 +39,9 @@ class SubsetError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baselines/make_subset.py",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from baselines.harness.validation import OneLineParser
+    p = OneLineParser(prog="baselines/make_subset.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="digits", help="any harness dataset name (see "
                    "baselines/harness/datasets.py), e.g. cifar10 or imagefolder:PATH")
     p.add_argument("--data-path", default="data", help="where downloadable datasets live")

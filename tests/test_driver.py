@@ -85,9 +85,10 @@ def test_resume_is_exact_and_reads_configs_without_sources(tmp_path, monkeypatch
     for key in ("preset", "sources"):  # a run directory written before presets existed
         del config[key]
     (cut / "config.json").write_text(json.dumps(config))
-    # config.json wins over the command line on resume
+    # config.json wins on resume: flags that disagree with it are refused, not ignored
     assert driver.main(TOY, ["--resume", str(cut), "--no-progress", "--device", "cpu",
-                             "--preset", "slow", "--iterations", "9"]) == 0
+                             "--preset", "slow", "--iterations", "9"]) == 2
+    assert driver.main(TOY, ["--resume", str(cut), "--no-progress", "--device", "cpu"]) == 0
     assert torch.equal(load_synset(tmp_path / "straight" / "synthetic.pt").images,
                        load_synset(cut / "synthetic.pt").images)
     assert "resumed at iteration 2 of 4" in (cut / "run.log").read_text()

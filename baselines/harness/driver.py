@@ -23,8 +23,12 @@ iteration and returns the stored synthetic images; ``host.state_dict()`` /
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -119,6 +123,9 @@ class MethodSpec:
         prog: the program name in ``--help`` (default ``baselines/<name>.py``).
         needs_experts: the method itself uses the expert pool (DANCE): experts are loaded or
             trained for every run, and ``build_host`` gets them as the keyword ``experts``.
+        checks: the method's own settings' rules, config key -> a rule name of
+            :data:`baselines.harness.validation.RULES` (``"positive"``, ``"nonnegative"``,
+            ...), checked with the shared ones before anything is written.
     """
 
     name: str
@@ -130,6 +137,7 @@ class MethodSpec:
     embedded_budget: Mapping[str, Any] = field(default_factory=lambda: dict(EMBEDDED_BUDGET))
     prog: str | None = None
     needs_experts: bool = False
+    checks: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         missing = [key for key in LAYERED if key not in self.defaults]
@@ -177,7 +185,8 @@ def describe_default(spec: MethodSpec, key: str) -> str:
 
 def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     """The shared command line plus the method's own arguments."""
-    p = argparse.ArgumentParser(prog=spec.prog or f"baselines/{spec.name}.py",
+    from .validation import OneLineParser
+    p = OneLineParser(prog=spec.prog or f"baselines/{spec.name}.py",
                                 description=spec.description,
                                 formatter_class=DefaultsOnceFormatter)
     a = p.add_argument
@@ -365,52 +374,155 @@ def use_channels_last(choice: str, device: torch.device) -> bool:
 
 
 # -- the run ----------------------------------------------------------------------------------
+class NonFiniteLoss(Exception):
+    """A loss went NaN or infinite: the run stops before saving that state (exit 2)."""
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handling for one run.
+
+    The first signal during distillation asks the loop to stop at the end of the current
+    iteration: the driver writes a checkpoint there and exits (130 for SIGINT, 143 for
+    SIGTERM). A second signal, or one outside distillation (data, experts, evaluation), stops at
+    once; the last checkpoint on disk is kept.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_loop = False
+        self.run_dir = None          # set once the run directory exists
+        self.checkpoint: int | None = None   # iteration of the last checkpoint on disk
+
+    def _handle(self, signum, frame):
+        first = self.signum is None
+        self.signum = signum if first else self.signum
+        if not (self.in_loop and first):
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGINT)
+
+    def message(self, prog: str) -> str:
+        name = signal.Signals(self.signum or signal.SIGINT).name
+        if self.run_dir is None:
+            return f"interrupted ({name}) before the run directory was made; nothing was written"
+        where = (f"the checkpoint after {self.checkpoint} iterations is kept"
+                 if self.checkpoint is not None else
+                 "no checkpoint was written yet, so the run restarts from iteration 0")
+        return (f"interrupted ({name}): {where}; continue with: python {prog} --resume "
+                f"{self.run_dir.path}")
+
+
 def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run; the exit code (0, 2 for a user error, 130 when interrupted)."""
+    """Parse ``argv`` and run; the exit code (0; 2 for a user error or a non-finite loss; 130 /
+    143 when interrupted by SIGINT / SIGTERM)."""
     args, explicit = parse_args(spec, argv)
     from .errors import USER_ERRORS
+    stop = StopRequest()
     try:
-        return run(spec, args, explicit)
-    except USER_ERRORS as exc:
+        with stop.installed():
+            return run(spec, args, explicit, stop)
+    except USER_ERRORS + (NonFiniteLoss,) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with --resume RUN_DIR",
-              file=sys.stderr)
-        return 130
+        message = stop.message(spec.prog or f"baselines/{spec.name}.py")
+        print(message, file=sys.stderr)
+        if stop.run_dir is not None:
+            stop.run_dir.log(message)
+        return stop.exit_code
+
+
+def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, config: dict,
+                        path) -> None:
+    """Flags given with ``--resume`` must agree with the recorded config (which wins)."""
+    from .common import UsageError
+    from dm_plugins import check_plugin_names
+
+    for dest in sorted(set(explicit) - {"resume", "no_progress"}):
+        given = getattr(args, dest)
+        flag = "--" + dest.replace("_", "-")
+        if dest == "out":
+            raise UsageError(f"--out cannot be combined with --resume (the run stays in {path})")
+        key = _CONFIG_KEY.get(dest, dest)
+        if dest == "no_dsa":
+            given = not given
+        elif dest == "eval_arch":
+            given = [s.strip() for s in given.split(",") if s.strip()]
+        elif dest == "plugins":
+            given = check_plugin_names(given)
+        recorded = config.get(key, "<not recorded>")
+        if dest == "device" and given == "auto":
+            continue
+        if given != recorded:
+            raise UsageError(f"--resume continues {path} with its recorded settings, and {flag} "
+                             f"{getattr(args, dest)} differs from the recorded {recorded!r}; drop "
+                             f"{flag} (or start a new run)")
 
 
 def run(spec: MethodSpec, args: argparse.Namespace,
-        explicit: frozenset[str] | set[str] = frozenset()) -> int:
+        explicit: frozenset[str] | set[str] = frozenset(), stop: StopRequest | None = None
+        ) -> int:
     """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors."""
     from dm_plugins import PluginSet, check_plugin_names, plugins_need_experts
 
-    from .common import (check_ipc, evaluate_stored, initial_synthetic, resolve_device,
-                         save_synthetic)
+    from .common import (UsageError, check_ipc, evaluate_stored, initial_synthetic,
+                         resolve_device, save_synthetic)
     from .datasets import canonical_dataset_name, load_dataset
+    from .errors import USER_ERRORS
     from .expert_cache import load_or_train_experts
     from .networks import get_network
     from .runs import RunDir, RunError, environment, peak_memory_mb
+    from .validation import check_config
 
+    stop = stop if stop is not None else StopRequest()
     progress = not args.no_progress
+    created = False
     if args.resume:
         run_dir = RunDir.open(args.resume)
         config = run_dir.read_config()
         if config.get("method", spec.name) != spec.name:
             raise RunError(f"{run_dir.path} holds a {config['method']!r} run, not a "
                            f"{spec.name!r} one; resume it with baselines/{config['method']}.py")
+        _check_resume_flags(spec, args, explicit, config, run_dir.path)
+        missing = [key for key in ("dataset", "data_path", "ipc", "iterations", "plugins")
+                   if key not in config]
+        if missing:
+            raise RunError(f"{run_dir.config_path} lacks {', '.join(missing)}; it was not "
+                           f"written by this program or was edited; start a new run")
         dataset_name, data_path = config["dataset"], config["data_path"]
     else:
         if args.plugins is not None:
+            if not args.plugins.strip():
+                raise UsageError("--plugins is empty; name plugins (e.g. cap,plm) or 'none'")
             check_plugin_names(args.plugins)  # before any slow work (data, experts)
         dataset_name, data_path = args.dataset, args.data_path
     dataset = load_dataset(canonical_dataset_name(dataset_name), data_path)
     if not args.resume:
         config = resolve_config(spec, args, dataset, explicit)
+        check_config(config, spec.checks, image_size=dataset.image_size, out=args.out)
         check_ipc(dataset, config["ipc"], config["factor"], config["init"])
+        config["device"] = str(resolve_device(config["device"]))  # resume keeps this device
         config["environment"] = environment()
         run_dir = RunDir.create(args.out or unused_path(default_out(config)), config)
-    device = resolve_device(args.device if args.resume else config["device"])
+        created = True
+    else:
+        check_config(config, spec.checks, image_size=dataset.image_size)
+    stop.run_dir = run_dir
+    device = resolve_device(config["device"])
     channels_last = use_channels_last(config["channels_last"], device)
     log = _logger(run_dir)
     log(f"run directory {run_dir.path}; dataset {dataset.name} "
@@ -422,39 +534,62 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         return get_network(config["arch"], dataset.channels, dataset.num_classes,
                            dataset.image_size)
 
-    experts = None
-    if spec.needs_experts or plugins_need_experts(config["plugins"]):
-        experts, _ = load_or_train_experts(
-            dataset, config["arch"], num_experts=config["num_experts"],
-            epochs=config["expert_epochs"], seed=config["seed"], directory=config["experts"],
-            recipe=config.get("expert_recipe", "ptlm"),
-            device=device, progress=progress, channels_last=channels_last, log=log)
-    plugins = PluginSet.from_names(config["plugins"], experts=experts, alpha=config["alpha"],
-                                   lam=config["lam"], tau=config["tau"])
-    syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
-                                 config["seed"])
-    host = spec.build_host(dataset, factory, syn_init, plugins, config, device, channels_last,
-                           **({"experts": experts} if spec.needs_experts else {}))
-    checkpoint = run_dir.load_checkpoint()
+    try:  # a setup failure of a new run leaves no half-made run directory behind
+        experts = None
+        if spec.needs_experts or plugins_need_experts(config["plugins"]):
+            experts, _ = load_or_train_experts(
+                dataset, config["arch"], num_experts=config["num_experts"],
+                epochs=config["expert_epochs"], seed=config["seed"],
+                directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
+                device=device, progress=progress, channels_last=channels_last, log=log)
+        plugins = PluginSet.from_names(config["plugins"], experts=experts,
+                                       alpha=config["alpha"], lam=config["lam"],
+                                       tau=config["tau"])
+        syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
+                                     config["seed"])
+        host = spec.build_host(dataset, factory, syn_init, plugins, config, device,
+                               channels_last,
+                               **({"experts": experts} if spec.needs_experts else {}))
+        checkpoint = run_dir.load_checkpoint()
+    except USER_ERRORS:
+        if created:
+            run_dir.remove_unstarted()
+        raise
     if checkpoint is not None:
-        host.load_state_dict(checkpoint["host"])
+        try:
+            host.load_state_dict(checkpoint["host"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise RunError(f"{run_dir.checkpoint_path} does not fit the run described by "
+                           f"{run_dir.config_path} ({str(exc).splitlines()[0]}); was config.json "
+                           f"edited? Restore it or start a new run") from None
+        stop.checkpoint = host.iteration
         run_dir.truncate_metrics(host.iteration)
         log(f"resumed at iteration {host.iteration} of {config['iterations']}")
 
     def after_iteration(t: int, metrics: dict) -> None:
         done = t + 1
+        _refuse_non_finite(t, metrics, getattr(host, "syn", None), config, stop)
         if t % config["log_every"] == 0 or done == config["iterations"]:
             metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
             run_dir.append_metrics(metrics)
-        if done % config["checkpoint_every"] == 0 or done == config["iterations"]:
+        if (done % config["checkpoint_every"] == 0 or done == config["iterations"]
+                or stop.signum is not None):
             run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done})
+            stop.checkpoint = done
+        if stop.signum is not None:
+            raise KeyboardInterrupt
 
     started = time.perf_counter()
-    stored = host.run(callback=after_iteration, progress=progress)
+    stop.in_loop = True
+    try:
+        stored = host.run(callback=after_iteration, progress=progress)
+    finally:
+        stop.in_loop = False
     if getattr(host, "stores_pixels", False):  # e.g. DANCE: pixel space -> normalised
         stored = dataset.normalize(stored.detach().cpu())
     log(f"distillation done: {config['iterations']} iterations in "
         f"{time.perf_counter() - started:.1f} s, peak memory {peak_memory_mb(device):.0f} MiB")
+    _warn_if_saturated(dataset, stored, config, log)
     save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],
                    method=config["method"], plugins=config["plugins"], config=config,
                    seed=config["seed"])
@@ -475,6 +610,40 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
+
+
+_LOSS_PARTS = {"loss_match": "the matching loss", "loss_ce": "the cross-entropy term"}
+
+
+def _refuse_non_finite(t: int, metrics: dict, syn, config: dict, stop: StopRequest) -> None:
+    """Stop at the first non-finite loss (naming the part) or non-finite synthetic image,
+    before that state is logged or saved."""
+    values = {k: v for k, v in metrics.items() if k.startswith("loss")
+              and isinstance(v, (int, float)) and not math.isfinite(v)}
+    if values:
+        parts = [k for k in values if k != "loss"] or ["loss"]
+        what = ", ".join(_LOSS_PARTS.get(k, f"plugin {k[5:]!r}'s loss") if k != "loss"
+                         else "the loss" for k in parts)
+        what = f"{what} became {values[parts[0]]} (non-finite)"
+    elif isinstance(syn, torch.Tensor) and not bool(torch.isfinite(syn.detach()).all()):
+        what = "the synthetic images became non-finite"
+    else:
+        return
+    kept = (f"the checkpoint after {stop.checkpoint} iterations is kept"
+            if stop.checkpoint is not None else "no checkpoint was written before it")
+    raise NonFiniteLoss(f"iteration {t}: {what}; {kept}; lower --lr-img (it is "
+                        f"{config['lr_img']:g})")
+
+
+def _warn_if_saturated(dataset, stored, config: dict, log, threshold: float = 0.5) -> None:
+    """Warn when most synthetic pixels sit at or beyond the valid range [0, 1]: a sign that
+    the image learning rate is too high for this run."""
+    pixels = dataset.denormalize(stored.detach().cpu().float())
+    share = float(((pixels <= 0) | (pixels >= 1)).float().mean())
+    if share > threshold:
+        log(f"warning: {100 * share:.0f}% of the synthetic pixels are at or beyond the valid "
+            f"range [0, 1] (they are clamped when saved); the run may have diverged: lower "
+            f"--lr-img (it is {config['lr_img']:g})")
 
 
 def _logger(run_dir):

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dm_plugins.atomic import atomic_write_bytes
 
 from .synset import atomic_torch_save, atomic_write_json, code_version
 
@@ -96,11 +99,23 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
+        """Reopen a run for ``--resume``; temp files left by a killed atomic write are removed."""
         run = cls(path)
         if not run.config_path.is_file():
             raise RunError(f"{run.path} is not a run directory (no config.json); pass the --out "
                            f"directory of an earlier run")
+        for stale in run.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         return run
+
+    _UNSTARTED = {"config.json", "run.log", "metrics.jsonl"}
+
+    def remove_unstarted(self) -> None:
+        """Delete a run directory that failed before its first iteration (it holds only
+        config.json, run.log and temp files); anything else leaves it in place."""
+        names = {p.name for p in self.path.iterdir()}
+        if all(n in self._UNSTARTED or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def read_config(self) -> dict:
         try:
@@ -121,9 +136,15 @@ class RunDir:
         """Drop records of iterations >= ``before_iteration`` (they are redone after resume)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) < before_iteration]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill mid-write: dropped, redone on resume
+                continue
+            if isinstance(record, dict) and record.get("iteration", -1) < before_iteration:
+                kept.append(line)
+        atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
     def save_checkpoint(self, state: dict) -> None:
         atomic_torch_save(self.checkpoint_path, state)
