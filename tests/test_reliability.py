@@ -52,6 +52,7 @@ BAD_INPUTS = [
     (["--num-experts", "0"], "--num-experts"), (["--expert-epochs", "0"], "--expert-epochs"),
     (["--iterations", "abc"], "--iterations"), (["--no-such-flag"], "--no-such-flag"),
     (["--preset", "nope"], "--preset"), (["--expert-recipe", "nope"], "--expert-recipe"),
+    (["--dataset", "imagefolder:"], "needs a path"),
 ]
 
 
@@ -198,11 +199,11 @@ def test_sigint_finishes_the_iteration_checkpoints_and_resumes_exactly(tmp_path,
                        load_synset(out / "synthetic.pt").images)
 
 
-def test_sigterm_from_outside_checkpoints_and_exits_143(tmp_path):
+def test_sigterm_from_outside_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "baselines/dm.py", *TINY, "--iterations", "200", "--checkpoint-every",
+        [sys.executable, "baselines/dm.py", *TINY, "--iterations", "40", "--checkpoint-every",
          "1000", "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -214,7 +215,12 @@ def test_sigterm_from_outside_checkpoints_and_exits_143(tmp_path):
     assert proc.returncode == 143, err
     assert "interrupted (SIGTERM)" in err and f"--resume {out}" in err
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert 1 <= state["iteration"] < 200
+    assert 1 <= state["iteration"] < 40
+    assert dm.main(["--resume", str(out), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert dm.main(TINY + ["--iterations", "40", "--out", str(straight)]) == 0
+    assert torch.equal(load_synset(straight / "synthetic.pt").images,
+                       load_synset(out / "synthetic.pt").images)
 
 
 # -- never overwrite a run --------------------------------------------------------------------

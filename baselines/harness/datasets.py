@@ -487,7 +487,11 @@ def canonical_dataset_name(name: str) -> str:
     """``imagefolder:PATH`` with PATH made absolute (so configs work from any directory);
     other names unchanged."""
     if name.startswith("imagefolder:"):
-        return "imagefolder:" + os.path.abspath(name.split(":", 1)[1])
+        path = name.split(":", 1)[1]
+        if not path.strip():
+            raise DatasetError("imagefolder: needs a path, e.g. --dataset imagefolder:data/mini "
+                               "(PATH/train/<class>/*, PATH/test/<class>/*)")
+        return "imagefolder:" + os.path.abspath(path)
     return name
 
 
