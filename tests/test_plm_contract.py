@@ -225,17 +225,19 @@ def test_no_implicit_dimension_warnings(pool, toy):
 
 # ---------------------------------------------------------------------- memory format
 
-def test_experts_run_in_the_loops_memory_format(pool, toy, monkeypatch):
+def test_experts_run_on_the_loops_device_and_memory_format(pool, toy, monkeypatch):
     calls, computed = [], []
     trained, compute = pool.trained_network, pseudo_label.compute_pseudo_labels
 
-    def spy_trained(index, device="cpu", memory_format="default"):
-        calls.append(memory_format)
-        return trained(index, device, torch.contiguous_format)
+    # spies record the device and memory format each call names ("default" when not given)
+    def spy_trained(index, device="default", memory_format="default"):
+        calls.append((device, memory_format))
+        return trained(index, "cpu", torch.contiguous_format)
 
-    def spy_compute(*args, **kw):
-        computed.append(kw.get("memory_format", "default"))
-        return compute(*args, **kw)
+    def spy_compute(network, real, num_classes, tau, max_per_class, generator,
+                    device="default", **kw):
+        computed.append((device, kw.get("memory_format", "default")))
+        return compute(network, real, num_classes, tau, max_per_class, generator, "cpu")
 
     monkeypatch.setattr(pool, "trained_network", spy_trained)
     monkeypatch.setattr(pseudo_label, "compute_pseudo_labels", spy_compute)
@@ -244,5 +246,6 @@ def test_experts_run_in_the_loops_memory_format(pool, toy, monkeypatch):
                                  memory_format=torch.channels_last))
     plugins.auxiliary_loss(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), 1)
     assert len(calls) == 3        # the setup probe, the pseudo-labels, the loss
-    assert calls == [torch.channels_last] * 3
-    assert computed == [torch.channels_last]
+    cpu = torch.device("cpu")
+    assert calls == [(cpu, torch.channels_last)] * 3
+    assert computed == [(cpu, torch.channels_last)]

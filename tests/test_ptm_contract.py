@@ -69,18 +69,42 @@ def test_network_in_the_loops_memory_format(pool, toy):
             rtol=1e-5, atol=1e-6)
 
 
-def test_setup_moves_every_experts_weights_to_the_loops_device(pool, toy, monkeypatch):
-    calls = []
-    pair = pool.parameter_pair
+def test_network_and_expert_weights_go_to_the_loops_device(pool, toy, monkeypatch):
+    # spies record the device each call names (a dropped argument shows as "default")
+    calls, built = [], []
+    pair, network = pool.parameter_pair, pool.network
 
     def spy_pair(index, device="default"):
         calls.append((index, device))
         return pair(index, "cpu")
 
+    def spy_network(device="default", memory_format="default"):
+        built.append((device, memory_format))
+        return network("cpu", torch.contiguous_format)
+
     monkeypatch.setattr(pool, "parameter_pair", spy_pair)
+    monkeypatch.setattr(pool, "network", spy_network)
     plugins = PluginSet([PseudoTrajectoryMatching(pool)])
     plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, real=toy))
     cpu = torch.device("cpu")
+    assert built == [(cpu, torch.contiguous_format)]
     assert calls == [(0, cpu), (1, cpu)]
     plugins.extractor(3)
     assert calls[2] == (pool.pick(3), cpu)
+
+
+def test_network_with_a_single_parameter_tensor():
+    # any architecture: here one weight matrix and nothing else (Eq. 5 on that tensor)
+    from dm_plugins import ExpertPool
+    from dm_plugins.experts import Expert
+
+    def factory():
+        return torch.nn.Linear(4, 3, bias=False)
+
+    init = {"weight": torch.arange(12.0).view(3, 4)}
+    star = {"weight": torch.full((3, 4), 10.0)}
+    single = ExpertPool([Expert(init, star)], factory)
+    plugins = PluginSet([PseudoTrajectoryMatching(single, lam=2.0)])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=5))
+    net = plugins.extractor(2)                         # r = (2 / 2) / 5 = 0.2
+    torch.testing.assert_close(net.weight, 0.2 * star["weight"] + 0.8 * init["weight"])
