@@ -249,3 +249,44 @@ def test_experts_run_on_the_loops_device_and_memory_format(pool, toy, monkeypatc
     cpu = torch.device("cpu")
     assert calls == [(cpu, torch.channels_last)] * 3
     assert computed == [(cpu, torch.channels_last)]
+
+
+class DeviceRecorder(torch.nn.Module):
+    """An 'expert' that records the device of the images it is given and answers on the CPU
+    (so that a meta device can stand in for CUDA: only where the images go is checked)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes, self.devices = num_classes, []
+
+    def forward(self, x):
+        self.devices.append(x.device)
+        return torch.eye(self.num_classes)[torch.zeros(x.shape[0], dtype=torch.long)]
+
+
+def test_real_images_are_moved_to_the_experts_device(toy):
+    net = DeviceRecorder()
+    compute_pseudo_labels(net, toy, 3, 0.5, 4, torch.Generator().manual_seed(0),
+                          device="meta")
+    assert net.devices == [torch.device("meta")] * 3
+
+
+def test_setup_probe_runs_on_the_loops_device(pool, toy, monkeypatch):
+    net = DeviceRecorder()
+    monkeypatch.setattr(pool, "trained_network", lambda *args, **kw: net)
+    PluginSet([PseudoLabelMatching(pool)]).setup(
+        DistillContext(num_classes=3, ipc=1, num_iterations=2, real=toy, device="meta"))
+    assert net.devices == [torch.device("meta")]
+
+
+def test_targets_follow_the_synthetic_images_device(pool, toy, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pseudo_label, "pseudo_label_loss",
+                        lambda logits, labels, targets: seen.append(
+                            (logits.device, targets.device)) or torch.zeros(()))
+    plugins = PluginSet([PseudoLabelMatching(pool)])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=2, real=toy))
+    syn = torch.randn(3, 1, 8, 8, device="meta")    # meta stands in for another device
+    plugins.auxiliary_loss(syn, torch.tensor([0, 1, 2]), 0)
+    meta = torch.device("meta")
+    assert seen == [(meta, meta)]
