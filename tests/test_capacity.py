@@ -140,7 +140,8 @@ def test_constructor_defaults_and_messages():
     assert CapacityMatching(alpha=1).alpha == 1
     with pytest.raises(ValueError, match="alpha must be >= 1, got 0"):
         CapacityMatching(alpha=0)
-    with pytest.raises(RuntimeError, match="CapacityMatching needs the IPC"):
+    with pytest.raises(RuntimeError, match=r"^CapacityMatching needs the IPC: call dm_setup "
+                                           r"first or pass ipc=$"):
         CapacityMatching().dm_select_real(torch.ones(2, 2), torch.ones(1, 2), 0, 2)
     with pytest.raises(ValueError, match="capacity mode must be 'typical' or 'diverse'"):
         capacity_keep_mask(torch.ones(2, 2), torch.ones(1, 2), 0, 2, "wide")
