@@ -386,7 +386,7 @@ def test_cli_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, random_ex
 def test_cli_one_line_error_for_a_bad_dance_setting(tmp_path, capsys, random_experts):
     assert dance_cli.main(TINY + ["--batch-syn-max", "0", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "batch_syn_max" in err and "\n" not in err
+    assert err.startswith("error: ") and "--batch-syn-max" in err and "\n" not in err
 
 
 def test_image_lr_rule():

@@ -392,7 +392,7 @@ def test_cli_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_cli_one_line_error_for_a_bad_idm_setting(tmp_path, capsys):
     assert idm_cli.main(TINY + ["--net-num", "0", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "net_num" in err and "\n" not in err
+    assert err.startswith("error: ") and "--net-num" in err and "\n" not in err
 
 
 def test_reference_defaults_per_dataset_and_ipc():
