@@ -23,12 +23,8 @@ iteration and returns the stored synthetic images; ``host.state_dict()`` /
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -187,8 +183,7 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     """The shared command line plus the method's own arguments."""
     from .validation import OneLineParser
     p = OneLineParser(prog=spec.prog or f"baselines/{spec.name}.py",
-                                description=spec.description,
-                                formatter_class=DefaultsOnceFormatter)
+                      description=spec.description, formatter_class=DefaultsOnceFormatter)
     a = p.add_argument
     d = lambda key: f"({describe_default(spec, key)})"  # noqa: E731
     presets = "; ".join([f"{spec.name}: the method's own defaults"] +
@@ -374,63 +369,12 @@ def use_channels_last(choice: str, device: torch.device) -> bool:
 
 
 # -- the run ----------------------------------------------------------------------------------
-class NonFiniteLoss(Exception):
-    """A loss went NaN or infinite: the run stops before saving that state (exit 2)."""
-
-
-class StopRequest:
-    """SIGINT / SIGTERM handling for one run.
-
-    The first signal during distillation asks the loop to stop at the end of the current
-    iteration: the driver writes a checkpoint there and exits (130 for SIGINT, 143 for
-    SIGTERM). A second signal, or one outside distillation (data, experts, evaluation), stops at
-    once; the last checkpoint on disk is kept.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.in_loop = False
-        self.run_dir = None          # set once the run directory exists
-        self.checkpoint: int | None = None   # iteration of the last checkpoint on disk
-
-    def _handle(self, signum, frame):
-        first = self.signum is None
-        self.signum = signum if first else self.signum
-        if not (self.in_loop and first):
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum or signal.SIGINT)
-
-    def message(self, prog: str) -> str:
-        name = signal.Signals(self.signum or signal.SIGINT).name
-        if self.run_dir is None:
-            return f"interrupted ({name}) before the run directory was made; nothing was written"
-        where = (f"the checkpoint after {self.checkpoint} iterations is kept"
-                 if self.checkpoint is not None else
-                 "no checkpoint was written yet, so the run restarts from iteration 0")
-        return (f"interrupted ({name}): {where}; continue with: python {prog} --resume "
-                f"{self.run_dir.path}")
-
-
 def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run; the exit code (0; 2 for a user error or a non-finite loss; 130 /
     143 when interrupted by SIGINT / SIGTERM)."""
     args, explicit = parse_args(spec, argv)
     from .errors import USER_ERRORS
+    from .guards import NonFiniteLoss, StopRequest
     stop = StopRequest()
     try:
         with stop.installed():
@@ -474,7 +418,7 @@ def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, co
 
 
 def run(spec: MethodSpec, args: argparse.Namespace,
-        explicit: frozenset[str] | set[str] = frozenset(), stop: StopRequest | None = None
+        explicit: frozenset[str] | set[str] = frozenset(), stop: "StopRequest | None" = None
         ) -> int:
     """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors."""
     from dm_plugins import PluginSet, check_plugin_names, plugins_need_experts
@@ -486,6 +430,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     from .expert_cache import load_or_train_experts
     from .networks import get_network
     from .runs import RunDir, RunError, environment, peak_memory_mb
+    from .guards import StopRequest, refuse_non_finite, warn_if_saturated
     from .validation import check_config
 
     stop = stop if stop is not None else StopRequest()
@@ -568,7 +513,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
 
     def after_iteration(t: int, metrics: dict) -> None:
         done = t + 1
-        _refuse_non_finite(t, metrics, getattr(host, "syn", None), config, stop)
+        refuse_non_finite(t, metrics, getattr(host, "syn", None), config, stop)
         if t % config["log_every"] == 0 or done == config["iterations"]:
             metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
             run_dir.append_metrics(metrics)
@@ -589,7 +534,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         stored = dataset.normalize(stored.detach().cpu())
     log(f"distillation done: {config['iterations']} iterations in "
         f"{time.perf_counter() - started:.1f} s, peak memory {peak_memory_mb(device):.0f} MiB")
-    _warn_if_saturated(dataset, stored, config, log)
+    warn_if_saturated(dataset, stored, config, log)
     save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],
                    method=config["method"], plugins=config["plugins"], config=config,
                    seed=config["seed"])
@@ -610,40 +555,6 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
-
-
-_LOSS_PARTS = {"loss_match": "the matching loss", "loss_ce": "the cross-entropy term"}
-
-
-def _refuse_non_finite(t: int, metrics: dict, syn, config: dict, stop: StopRequest) -> None:
-    """Stop at the first non-finite loss (naming the part) or non-finite synthetic image,
-    before that state is logged or saved."""
-    values = {k: v for k, v in metrics.items() if k.startswith("loss")
-              and isinstance(v, (int, float)) and not math.isfinite(v)}
-    if values:
-        parts = [k for k in values if k != "loss"] or ["loss"]
-        what = ", ".join(_LOSS_PARTS.get(k, f"plugin {k[5:]!r}'s loss") if k != "loss"
-                         else "the loss" for k in parts)
-        what = f"{what} became {values[parts[0]]} (non-finite)"
-    elif isinstance(syn, torch.Tensor) and not bool(torch.isfinite(syn.detach()).all()):
-        what = "the synthetic images became non-finite"
-    else:
-        return
-    kept = (f"the checkpoint after {stop.checkpoint} iterations is kept"
-            if stop.checkpoint is not None else "no checkpoint was written before it")
-    raise NonFiniteLoss(f"iteration {t}: {what}; {kept}; lower --lr-img (it is "
-                        f"{config['lr_img']:g})")
-
-
-def _warn_if_saturated(dataset, stored, config: dict, log, threshold: float = 0.5) -> None:
-    """Warn when most synthetic pixels sit at or beyond the valid range [0, 1]: a sign that
-    the image learning rate is too high for this run."""
-    pixels = dataset.denormalize(stored.detach().cpu().float())
-    share = float(((pixels <= 0) | (pixels >= 1)).float().mean())
-    if share > threshold:
-        log(f"warning: {100 * share:.0f}% of the synthetic pixels are at or beyond the valid "
-            f"range [0, 1] (they are clamped when saved); the run may have diverged: lower "
-            f"--lr-img (it is {config['lr_img']:g})")
 
 
 def _logger(run_dir):
