@@ -101,7 +101,8 @@ def test_truncated_file(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    assert "no such" in error_of(tmp_path / "absent.pt")
+    message = error_of(tmp_path / "absent.pt")
+    assert "no such" in message and "writes it as synthetic.pt" in message
 
 
 def test_validation_errors(tmp_path):

@@ -203,7 +203,7 @@ def load_synset(path: str | os.PathLike) -> SynSet:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise SynSetError(f"{path}: no such synthetic-set file; check the path (the distillation "
-                          f"run writes it as synset.pt in its output folder)")
+                          f"run writes it as synthetic.pt in its run directory)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
