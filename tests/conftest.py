@@ -1,6 +1,7 @@
 """Tiny networks and data shared by the tests (seconds each, offline)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -110,3 +111,20 @@ def hook_calls(monkeypatch):
     for name, (cls, method) in hooks.items():
         count_calls(monkeypatch, cls, method, calls, name)
     return calls
+
+
+@contextlib.contextmanager
+def killed_at(host_cls, iteration: int):
+    """While active, ``host_cls.step`` raises KeyboardInterrupt on reaching ``iteration``: a run
+    killed mid-way, for resume tests."""
+    real = host_cls.step
+
+    def step(self, t=None):
+        if (self.iteration if t is None else t) == iteration:
+            raise KeyboardInterrupt
+        return real(self, t)
+    host_cls.step = step
+    try:
+        yield
+    finally:
+        host_cls.step = real

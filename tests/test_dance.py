@@ -20,7 +20,7 @@ from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.synset import load_synset
 from dm_plugins import PluginSet
 from dm_plugins.seeding import make_generator
-from tests.conftest import count_calls, group_scale_augment
+from tests.conftest import count_calls, group_scale_augment, killed_at
 
 C, IPC, T = 3, 1, 4
 SUBSETS = [c for r in range(4) for c in itertools.combinations(["cap", "ptm", "plm"], r)]
@@ -365,16 +365,8 @@ def test_cli_eval_protocol_flag_still_wins(tmp_path, random_experts):
 def test_cli_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, random_experts):
     args = TINY + ["--iterations", "4", "--eval-runs", "0"]
     assert dance_cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
-    real_step = DANCE.step
-
-    def interrupted(self, t=None):
-        if (self.iteration if t is None else t) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, t)
-
-    monkeypatch.setattr(DANCE, "step", interrupted)
-    assert dance_cli.main(args + ["--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(DANCE, "step", real_step)
+    with killed_at(DANCE, 3):
+        assert dance_cli.main(args + ["--out", str(tmp_path / "cut")]) == 130
     assert dance_cli.main(["--resume", str(tmp_path / "cut"), "--no-progress",
                            "--device", "cpu"]) == 0
     a = load_synset(tmp_path / "straight" / "synthetic.pt").images

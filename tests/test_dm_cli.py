@@ -10,6 +10,7 @@ import torch
 
 from baselines import dm
 from baselines.harness.synset import load_synset
+from tests.conftest import killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ipc", "1", "--iterations", "3", "--batch-real", "8", "--eval-runs", "1",
@@ -63,17 +64,9 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     assert dm.main(args + ["--out", str(tmp_path / "straight")]) == 0
 
     from dm_plugins import DMHost
-    real_step = DMHost.step
-
-    def interrupted(self, t=None):
-        if (self.iteration if t is None else t) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, t)
-
-    monkeypatch.setattr(DMHost, "step", interrupted)
-    assert dm.main(args + ["--out", str(tmp_path / "cut")]) == 130
-    assert not (tmp_path / "cut" / "synthetic.pt").exists()
-    monkeypatch.setattr(DMHost, "step", real_step)
+    with killed_at(DMHost, 3):
+        assert dm.main(args + ["--out", str(tmp_path / "cut")]) == 130
+        assert not (tmp_path / "cut" / "synthetic.pt").exists()
     assert dm.main(["--resume", str(tmp_path / "cut"), "--no-progress", "--device", "cpu"]) == 0
     a = load_synset(tmp_path / "straight" / "synthetic.pt").images
     b = load_synset(tmp_path / "cut" / "synthetic.pt").images

@@ -10,6 +10,7 @@ import torch
 from baselines.harness import driver
 from baselines.harness.synset import load_synset
 from dm_plugins import DMHost, ExpertError
+from tests.conftest import killed_at
 
 RUN = ["--ipc", "1", "--no-progress", "--device", "cpu", "--checkpoint-every", "2",
        "--log-every", "1"]
@@ -70,17 +71,9 @@ def test_toy_help_lists_its_presets_defaults_and_arguments():
 def test_resume_is_exact_and_reads_configs_without_sources(tmp_path, monkeypatch):
     args = RUN + ["--iterations", "4"]
     assert driver.main(TOY, args + ["--out", str(tmp_path / "straight")]) == 0
-    real_step = DMHost.step
-
-    def interrupted(self, t=None):
-        if (self.iteration if t is None else t) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, t)
-
-    monkeypatch.setattr(DMHost, "step", interrupted)
-    cut = tmp_path / "cut"
-    assert driver.main(TOY, args + ["--out", str(cut)]) == 130
-    monkeypatch.setattr(DMHost, "step", real_step)
+    with killed_at(DMHost, 3):
+        cut = tmp_path / "cut"
+        assert driver.main(TOY, args + ["--out", str(cut)]) == 130
     config = json.loads((cut / "config.json").read_text())
     for key in ("preset", "sources"):  # a run directory written before presets existed
         del config[key]

@@ -17,7 +17,7 @@ from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.idm import IDM
 from baselines.harness.synset import load_synset
 from dm_plugins import PluginSet
-from tests.conftest import group_scale_augment
+from tests.conftest import group_scale_augment, killed_at
 
 C, IPC, T = 3, 1, 4
 SUBSETS = [c for r in range(4) for c in itertools.combinations(["cap", "ptm", "plm"], r)]
@@ -371,16 +371,8 @@ def test_cli_runs_on_digits_and_writes_the_run_directory(spec, tmp_path, capsys,
 def test_cli_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     args = TINY + ["--iterations", "4", "--eval-runs", "0", "--meter-interval", "3"]
     assert idm_cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
-    real_step = IDM.step
-
-    def interrupted(self, t=None):
-        if (self.iteration if t is None else t) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, t)
-
-    monkeypatch.setattr(IDM, "step", interrupted)
-    assert idm_cli.main(args + ["--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(IDM, "step", real_step)
+    with killed_at(IDM, 3):
+        assert idm_cli.main(args + ["--out", str(tmp_path / "cut")]) == 130
     assert idm_cli.main(["--resume", str(tmp_path / "cut"), "--no-progress",
                          "--device", "cpu"]) == 0
     a = load_synset(tmp_path / "straight" / "synthetic.pt").images

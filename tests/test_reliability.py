@@ -16,6 +16,7 @@ import torch
 from baselines import coreset, dance, dm, idm
 from baselines.harness.synset import load_synset
 from dm_plugins.loop import DMHost
+from tests.conftest import killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ipc", "1", "--iterations", "3", "--batch-real", "8", "--eval-runs", "0",
@@ -119,18 +120,11 @@ def test_saturated_images_get_a_warning(tmp_path, capsys):
 
 # -- resume -----------------------------------------------------------------------------------
 @pytest.fixture()
-def cut_run(tmp_path, monkeypatch):
+def cut_run(tmp_path):
     """A dm run stopped (KeyboardInterrupt) during iteration 3 of 4, checkpoint after 2."""
     out = tmp_path / "cut"
-    real_step = DMHost.step
-
-    def interrupted(self, t=None):
-        if (self.iteration if t is None else t) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, t)
-    monkeypatch.setattr(DMHost, "step", interrupted)
-    assert dm.main(TINY + ["--iterations", "4", "--out", str(out)]) == 130
-    monkeypatch.setattr(DMHost, "step", real_step)
+    with killed_at(DMHost, 3):
+        assert dm.main(TINY + ["--iterations", "4", "--out", str(out)]) == 130
     return out
 
 
