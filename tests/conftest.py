@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 
 import pytest
 import torch
@@ -128,3 +129,24 @@ def killed_at(host_cls, iteration: int):
         yield
     finally:
         host_cls.step = real
+
+
+def straight_and_resumed(make_host, at: int = 2):
+    """Two runs of ``make_host()``: one uninterrupted, one stopped after ``at`` iterations, its
+    ``state_dict`` saved (then one more step taken, which must not leak into the save), loaded
+    into a fresh host and run to the end. Returns ``(straight, resumed)``."""
+    straight = make_host()
+    straight.run(progress=False)
+    first = make_host()
+    for t in range(at):
+        first.step(t)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    first.step(at)                                          # the saved state must not move
+    first.close()
+    buffer.seek(0)
+    resumed = make_host()
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert resumed.iteration == at
+    resumed.run(progress=False)
+    return straight, resumed

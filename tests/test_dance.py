@@ -2,7 +2,6 @@
 whole-strategy augmentation (DSA.sequence) and the command line (baselines/dance.py): the middle
 model, both views' per-class steps against a hand-written iteration, clamping, each plugin's
 replace/add statement, resume, and the CLI on the embedded digits set."""
-import io
 import itertools
 import json
 from functools import partial
@@ -20,7 +19,7 @@ from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.synset import load_synset
 from dm_plugins import PluginSet
 from dm_plugins.seeding import make_generator
-from tests.conftest import count_calls, group_scale_augment, killed_at
+from tests.conftest import count_calls, group_scale_augment, killed_at, straight_and_resumed
 
 C, IPC, T = 3, 1, 4
 SUBSETS = [c for r in range(4) for c in itertools.combinations(["cap", "ptm", "plm"], r)]
@@ -278,20 +277,7 @@ def test_cap_filters_the_inner_class_real_batch_only(toy, pool):
 def test_resume_from_the_state_dict_equals_an_uninterrupted_run(spec, toy, pool):
     def host():
         return make_host(toy, pool, DANCEHost, PluginSet.from_names(spec, experts=pool))
-    straight = host()
-    straight.run(progress=False)
-    first = host()
-    for t in range(2):
-        first.step(t)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    first.step(2)                                           # the saved state must not move
-    first.close()
-    buffer.seek(0)
-    resumed = host()
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    assert resumed.iteration == 2
-    resumed.run(progress=False)
+    straight, resumed = straight_and_resumed(host)
     assert torch.equal(straight.syn, resumed.syn)
 
 

@@ -1,7 +1,6 @@
 """IDM as a host (baselines/harness/idm.py), its plugin adapter (adapters/idm.py) and its
 command line (baselines/idm.py): the queue, the class-aware term, the per-class image steps,
 each plugin's replace/add statement, resume, and the CLI on the embedded digits set."""
-import io
 import itertools
 import json
 from functools import partial
@@ -17,7 +16,7 @@ from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.idm import IDM
 from baselines.harness.synset import load_synset
 from dm_plugins import PluginSet
-from tests.conftest import group_scale_augment, killed_at
+from tests.conftest import group_scale_augment, killed_at, straight_and_resumed
 
 C, IPC, T = 3, 1, 4
 SUBSETS = [c for r in range(4) for c in itertools.combinations(["cap", "ptm", "plm"], r)]
@@ -312,21 +311,7 @@ def test_resume_from_the_state_dict_equals_an_uninterrupted_run(spec, toy, tiny_
     def host():
         return make_host(toy, tiny_factory, IDMHost, PluginSet.from_names(spec, experts=pool),
                          meter_interval=2)
-    straight = host()
-    straight.run(progress=False)
-
-    first = host()
-    for t in range(2):
-        first.step(t)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    first.step(2)                                           # the saved state must not move
-    first.close()
-    buffer.seek(0)
-    resumed = host()
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    assert resumed.iteration == 2
-    resumed.run(progress=False)
+    straight, resumed = straight_and_resumed(host)
     assert torch.equal(straight.syn, resumed.syn)
     assert_same_queue(straight, resumed)
 
