@@ -8,8 +8,10 @@ so that drift in machine speed affects them alike) for:
 - ``naive``:      per-class DM as the original code does it (new network, per-class DSA,
                   per-class forwards), :func:`dm_plugins.reference.naive_dm_iteration`;
 - ``host-nchw``:  our batched DM host, default memory format, no plugins;
-- ``host``:       our DM host with this machine's fast settings (channels-last; ``--compile``
-                  adds torch.compile of the real forward), no plugins;
+- ``host-unchunked``: the host with the real forward in one batch (the first round's host);
+- ``host``:       our DM host with this machine's fast settings (channels-last, the real
+                  forward in chunks of the device's default size, fused with the class means;
+                  ``--compile`` adds torch.compile of the real forward), no plugins;
 - ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm;
 - ``idm``:        IDM (``adapters/idm.py``, channels-last) with its own queue settings: one
                   matching net, per-class image steps, then 2 queue nets trained 10 steps on 256
@@ -21,6 +23,20 @@ so that drift in machine speed affects them alike) for:
                   0.01 x IPC, at most 200 decoded images per class); ``dance+all``: DANCE with
                   cap, ptm and plm (plm in place of the CE step). Shared ``--batch-real`` and
                   ``--factor`` (DANCE's own: 128 and 2); no ``--compile``.
+- ``dm-preset``:  what a DM user runs: the host at factor 1, no plugins;
+  ``ptlm-preset``: what a PTLM user runs: the host at factor 2 with cap, ptm and plm
+                  (both ignore ``--factor``; their ratio is the price of PTLM).
+
+Stage breakdown: for the DM host variants (not ``naive``, IDM or DANCE) each stage of the steady
+iterations is timed (:class:`dm_plugins.profiling.StageTimer`; on CUDA it synchronises around
+each stage) and printed as seconds per iteration: extractor (PTM's interpolation or a fresh
+random network), real batch sampling, real augmentation, real forward, synthetic decode +
+augmentation + forward, cap's filter, auxiliary losses (PLM's expert forward), backward (of the
+matching and auxiliary losses together), optimiser step.
+
+``--chunk-sweep 8,16,32,...`` times only the no-graph real forward of ``batch_real`` images per
+class under a random extractor at each chunk size (round-robin, median) and prints it: the
+measurement behind :data:`dm_plugins.loop.DEFAULT_REAL_CHUNK`.
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
 reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
@@ -48,11 +64,15 @@ if __package__ in (None, ""):
 
 import torch
 
-VARIANTS = ("naive", "host-nchw", "host", "cap", "ptm", "plm", "all", "idm", "idm+all", "dance",
-            "dance+all")
-PLUGINS = {"naive": None, "host-nchw": "none", "host": "none", "cap": "cap", "ptm": "ptm",
-           "plm": "plm", "all": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
+VARIANTS = ("naive", "host-nchw", "host-unchunked", "host", "cap", "ptm", "plm", "all",
+            "dm-preset", "ptlm-preset", "idm", "idm+all", "dance", "dance+all")
+PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host": "none",
+           "cap": "cap", "ptm": "ptm", "plm": "plm", "all": "cap,ptm,plm", "dm-preset": "none",
+           "ptlm-preset": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
            "dance": "none", "dance+all": "cap,ptm,plm"}
+PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
+STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
+          "auxiliary_losses", "backward", "optimizer_step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/iteration_cost-<device>.json)")
     p.add_argument("--synthetic-size", type=int, default=32, help="image size of the synthetic data")
     p.add_argument("--synthetic-per-class", type=int, default=300)
+    p.add_argument("--chunk-sweep", default=None,
+                   help="comma list of real-forward chunk sizes to time instead of the variants")
     return p
 
 
@@ -114,14 +136,16 @@ def sync(device):
 
 
 def make_stepper(variant, data, factory, experts, ipc, args, device):
-    """A ``step(t)`` running one iteration of ``variant``, and a ``close()``."""
+    """``(step, close, timer)``: ``step(t)`` runs one iteration of ``variant``; ``timer`` is its
+    :class:`StageTimer` (None for variants without a stage breakdown)."""
     from adapters.dm import build_dm_host
     from baselines.harness.common import initial_synthetic
     from baselines.harness.dsa import DSA
     from dm_plugins import PluginSet
     from dm_plugins.reference import naive_dm_iteration
 
-    syn_init = initial_synthetic(data, ipc, args.factor, "real", args.seed)
+    factor = PRESET_FACTOR.get(variant, args.factor)
+    syn_init = initial_synthetic(data, ipc, factor, "real", args.seed)
     if variant == "naive":
         syn = syn_init.clone().to(device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
@@ -131,7 +155,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
             naive_dm_iteration(data.train, factory, syn, opt, ipc=ipc,
                                batch_real=args.batch_real, augment=augment, seed=args.seed,
                                iteration=t, device=device)
-        return step, lambda: None
+        return step, lambda: None, None
     # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
     plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False)
     if variant.startswith("idm"):
@@ -141,7 +165,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                               num_iterations=args.warmup + args.repeats,
                               batch_real=args.batch_real, seed=args.seed, channels_last=True)
         host.start()  # plugin setup is a one-off, not per iteration
-        return host.step, host.close
+        return host.step, host.close, None
     if variant.startswith("dance"):
         from adapters.dance import build_dance_host
         host = build_dance_host(data, experts, syn_init, plugins=plugins, factor=args.factor,
@@ -150,15 +174,19 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                                 batch_real=args.batch_real, lr=0.01 * ipc, seed=args.seed,
                                 channels_last=True)
         host.start()
-        return host.step, host.close
+        return host.step, host.close, None
+    from dm_plugins.profiling import StageTimer
+    plain = variant in ("host-nchw", "host-unchunked")
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
-                         lr=1.0, momentum=0.5, factor=args.factor, seed=args.seed,
+                         lr=1.0, momentum=0.5, factor=factor, seed=args.seed,
                          device=device, dsa=not args.no_dsa,
                          channels_last=variant != "host-nchw",
-                         compile_real=args.compile and variant != "host-nchw")
+                         compile_real=args.compile and not plain,
+                         real_chunk=1 << 40 if plain else None,
+                         stage_timer=StageTimer(device))
     host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
-    return host.step, host.close
+    return host.step, host.close, host.stage
 
 
 def time_variants(variants, data, factory, experts, ipc, args, device):
@@ -169,23 +197,62 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
     times = {v: [] for v in variants}
     peaks = {v: 0.0 for v in variants}
     for t in range(args.warmup + args.repeats):
-        for v, (step, _) in steppers.items():
+        for v, (step, _, timer) in steppers.items():
             reset_peak_memory(device)
             sync(device)
+            if timer is not None and t == args.warmup:
+                timer.reset()  # stages of the steady iterations only
             start = time.perf_counter()
             step(t)
             sync(device)
             times[v].append(time.perf_counter() - start)
             peaks[v] = max(peaks[v], peak_memory_mb(device))
-    for _, close in steppers.values():
+    for _, close, _ in steppers.values():
         close()
     results = []
     for v in variants:
         steady = times[v][args.warmup:]
+        timer = steppers[v][2]
+        stages = ({k: s / args.repeats for k, s in timer.seconds.items()}
+                  if timer is not None else None)
         results.append({"variant": v, "ipc": ipc, "seconds_median": statistics.median(steady),
                         "seconds_min": min(steady), "seconds_all": steady,
-                        "peak_memory_mb": peaks[v]})
+                        "peak_memory_mb": peaks[v], "stages": stages})
     return results
+
+
+def chunk_sweep(chunks, data, factory, args, device):
+    """Median seconds of the no-graph real forward of ``batch_real`` images per class (DSA'd
+    once, channels-last, one random extractor) at each chunk size, timed round-robin."""
+    from dm_plugins import DMHost
+    from dm_plugins.loop import chunked_class_means
+    from baselines.harness.dsa import DSA
+    g = torch.Generator().manual_seed(0)
+    syn = torch.cat([data.train.sample(c, 1, g) for c in range(data.num_classes)])
+    host = DMHost(data.train, factory, syn, num_iterations=1, batch_real=args.batch_real,
+                  seed=args.seed, device=device, channels_last=True,
+                  augment=None if args.no_dsa else DSA(flip=not data.is_digit_like).siamese)
+    net = host.prepare_extractor(0)
+    real, labels = host.real_batch(0)
+    with torch.no_grad():
+        real = host._augment(real, labels, 0)
+        times = {c: [] for c in chunks}
+        for t in range(args.warmup + args.repeats):
+            for c in chunks:
+                sync(device)
+                start = time.perf_counter()
+                chunked_class_means(net.embed, real, labels, data.num_classes, c)
+                sync(device)
+                if t >= args.warmup:
+                    times[c].append(time.perf_counter() - start)
+    print(f"real forward of {real.shape[0]} images ({tuple(real.shape[1:])}), device {device}, "
+          f"threads {torch.get_num_threads()}, median of {args.repeats}:")
+    print("| chunk | s | x one batch |\n|---:|---:|---:|")
+    whole = statistics.median(times[max(chunks)])
+    for c in chunks:
+        med = statistics.median(times[c])
+        print(f"| {c} | {med:.3f} | {med / whole:.2f} |")
+    return {c: statistics.median(v) for c, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -208,6 +275,9 @@ def main(argv=None) -> int:
         extra = {} if args.width is None else {"width": args.width}
         return get_network(args.arch, data.channels, data.num_classes, data.image_size, **extra)
 
+    if args.chunk_sweep:
+        chunk_sweep([int(c) for c in args.chunk_sweep.split(",")], data, factory, args, device)
+        return 0
     experts = (ExpertPool.load(args.experts, factory, seed=args.seed) if args.experts
                else random_experts(factory, args.num_experts, args.seed))
     rows = []
@@ -235,6 +305,14 @@ def main(argv=None) -> int:
         print(f"| {r['ipc']} | {r['variant']} | {r['seconds_median']:.3f} | "
               f"{fmt(r['ratio_to_naive'])} | {fmt(r['ratio_to_host'])} | "
               f"{r['peak_memory_mb']:.0f} |")
+    staged = [r for r in rows if r["stages"]]
+    if staged:
+        print("\nStage breakdown, seconds per iteration (mean of the steady iterations):")
+        print("| IPC | variant | " + " | ".join(STAGES) + " |")
+        print("|---:|---|" + "---:|" * len(STAGES))
+        for r in staged:
+            print(f"| {r['ipc']} | {r['variant']} | "
+                  + " | ".join(f"{r['stages'].get(k, 0.0):.3f}" for k in STAGES) + " |")
     out = args.json or os.path.join("benchmarks", "results", f"iteration_cost-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from baselines.harness.runs import environment

@@ -25,6 +25,7 @@ from .context import DistillContext
 from .experts import build_network
 from .data import ClassIndexedData
 from .manager import PluginSet
+from .profiling import StageTimer
 from .seeding import derive_seed, make_generator, reinitialize_
 
 try:
@@ -50,6 +51,53 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts.unsqueeze(1).to(sums)
 
 
+DEFAULT_REAL_CHUNK = {"cpu": 32, "cuda": 1024}
+"""Real-forward chunk per device type, from ``benchmarks/iteration_cost.py --chunk-sweep``:
+on CPU (ConvNet-3, CIFAR-sized images) chunks of 8-32 images ran the forward ~1.5x faster than
+one batch of 2,560 (the activations stay in cache). The CUDA value was not measured here (no
+GPU); large chunks keep a GPU busy while bounding memory."""
+_WHOLE_BATCH = 1 << 62
+
+
+def default_real_chunk(device: str | torch.device) -> int:
+    """The real-forward chunk a host uses on ``device`` unless told otherwise."""
+    return DEFAULT_REAL_CHUNK.get(torch.device(device).type, DEFAULT_REAL_CHUNK["cuda"])
+
+
+def batch_independent(net: nn.Module) -> bool:
+    """True when ``net``'s output for an image does not depend on the other images of its batch
+    (no BatchNorm in training mode), so a forward may be split into chunks."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                   for m in net.modules())
+
+
+def chunk_for(net: nn.Module, chunk: int) -> int:
+    """``chunk``, or "everything at once" when ``net``'s forward couples the images of a batch
+    (see :func:`batch_independent`): the chunk a real forward through ``net`` may use."""
+    return chunk if batch_independent(net) else _WHOLE_BATCH
+
+
+def chunked_features(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     chunk: int) -> torch.Tensor:
+    """``embed(images)`` computed ``chunk`` images at a time (no graph is assumed)."""
+    return torch.cat([embed(part) for part in images.split(chunk)])
+
+
+def chunked_class_means(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        labels: torch.Tensor, num_classes: int, chunk: int) -> torch.Tensor:
+    """``class_means(embed(images), labels, num_classes)`` with the forward run ``chunk``
+    images at a time and each chunk's features folded into the class sums at once, so the
+    features of all images are never held together."""
+    sums = None
+    for part, part_labels in zip(images.split(chunk), labels.split(chunk)):
+        features = embed(part)
+        if sums is None:
+            sums = features.new_zeros(num_classes, features.shape[1])
+        sums.index_add_(0, part_labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
+    return sums / counts.unsqueeze(1).to(sums)
+
+
 class DMHost:
     """Distribution matching over class-indexed real data, hosting dm_plugins hooks.
 
@@ -69,9 +117,15 @@ class DMHost:
             and pooling on CPU; same numbers up to float rounding, tested).
         compile_real: ``torch.compile`` the real-image forward (no graph; the largest cost of
             an iteration). Pays a one-off compile time; same numbers up to float rounding.
-        real_chunk: the real forward runs in chunks of at most this many images, so memory
-            stays bounded with many classes (CIFAR-100: 25,600 real images an iteration).
-            Chunking does not change the result.
+        real_chunk: the real forward runs in chunks of at most this many images, fused with
+            the class-mean accumulation, so the activations of all real images are never held
+            at once and memory does not grow with the number of classes (CIFAR-100: 25,600
+            real images an iteration). None: :func:`default_real_chunk` for the device (small
+            chunks are also faster on CPU: the activations stay in cache). Networks whose
+            forward couples the images of a batch (BatchNorm in training mode) are run on the
+            whole real batch at once instead, so chunking never changes the result.
+        stage_timer: a :class:`dm_plugins.profiling.StageTimer` to time the stages of each
+            iteration (benchmarks); None times nothing and adds no synchronisation.
     """
 
     def __init__(self, real: ClassIndexedData, network_factory: Callable[[], nn.Module],
@@ -79,9 +133,12 @@ class DMHost:
                  augment: Augment | None = None, decode: Decode | None = None,
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 compile_real: bool = False, real_chunk: int = 2560, extra: dict | None = None):
+                 compile_real: bool = False, real_chunk: int | None = None,
+                 stage_timer: StageTimer | None = None, extra: dict | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
+        self.device = torch.device(device)
+        real_chunk = default_real_chunk(self.device) if real_chunk is None else real_chunk
         self.ipc = check_host_args("DMHost", syn_init, self.num_classes, positive={
             "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk})
         self.num_iterations = int(num_iterations)
@@ -90,7 +147,6 @@ class DMHost:
         self.decode = decode
         self.batch_real = int(batch_real)
         self.seed = int(seed)
-        self.device = torch.device(device)
         self.extra = dict(extra or {})
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
         self.syn_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
@@ -101,6 +157,7 @@ class DMHost:
         self.compile_real = bool(compile_real)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
+        self.stage = stage_timer if stage_timer is not None else StageTimer(enabled=False)
         self.iteration = 0
         self._set_up = False
 
@@ -142,27 +199,39 @@ class DMHost:
 
     def compute_loss(self, t: int) -> tuple[torch.Tensor, dict]:
         """Build iteration t's total loss (matching + auxiliary) and its metrics; no step."""
-        net = self.prepare_extractor(t)
-        real, real_labels = self.real_batch(t)
+        stage = self.stage
+        with stage("extractor"):
+            net = self.prepare_extractor(t)
+        with stage("real_batch"):
+            real, real_labels = self.real_batch(t)
         with torch.no_grad():
-            real_aug = self._augment(real, real_labels, t)
-            embed = self._real_embedding(net)
-            real_features = torch.cat([embed(chunk) for chunk in real_aug.split(self.real_chunk)])
-        syn, syn_labels = self.synthetic_batch()
-        syn_aug = self._augment(syn, syn_labels, t)
-        syn_features = net.embed(syn_aug)
+            with stage("augment_real"):
+                real_aug = self._augment(real, real_labels, t)
+            with stage("real_forward"):
+                if self.plugins.filters_real:
+                    real_features = chunked_features(self._real_embedding(net), real_aug,
+                                                     chunk_for(net, self.real_chunk))
+                else:  # fused: class sums chunk by chunk, features never held at once
+                    real_mean = chunked_class_means(self._real_embedding(net), real_aug,
+                                                    real_labels, self.num_classes,
+                                                    chunk_for(net, self.real_chunk))
+        with stage("synthetic_forward"):
+            syn, syn_labels = self.synthetic_batch()
+            syn_aug = self._augment(syn, syn_labels, t)
+            syn_features = net.embed(syn_aug)
 
         kept = real_labels
-        kept_features = real_features
         if self.plugins.filters_real:
-            keep = self.plugins.batched_keep_mask(real_features, real_labels, syn_features,
-                                                  syn_labels, t)
-            kept, kept_features = real_labels[keep], real_features[keep]
-        real_mean = class_means(kept_features, kept, self.num_classes)
+            with stage("cap"):
+                keep = self.plugins.batched_keep_mask(real_features, real_labels, syn_features,
+                                                      syn_labels, t)
+                kept = real_labels[keep]
+                real_mean = class_means(real_features[keep], kept, self.num_classes)
         syn_mean = class_means(syn_features, syn_labels, self.num_classes)
         match = ((real_mean - syn_mean) ** 2).sum()
 
-        parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t)
+        with stage("auxiliary_losses"):
+            parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t)
         total = match + sum(parts.values()) if parts else match
         metrics = {"loss": float(total.detach()), "loss_match": float(match.detach()),
                    **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
@@ -176,8 +245,10 @@ class DMHost:
         start = time.perf_counter()
         total, metrics = self.compute_loss(t)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        with self.stage("backward"):
+            total.backward()
+        with self.stage("optimizer_step"):
+            self.optimizer.step()
         self.iteration = t + 1
         metrics["iteration"] = t
         metrics["seconds"] = time.perf_counter() - start

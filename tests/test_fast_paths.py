@@ -70,7 +70,7 @@ def test_benchmark_runs_with_tiny_sizes(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert iteration_cost.main([
         "--ipc", "1,2", "--batch-real", "4", "--warmup", "1", "--repeats", "2",
-        "--num-experts", "2", "--synthetic-per-class", "6", "--synthetic-size", "16",
+        "--num-experts", "2", "--synthetic-per-class", "8", "--synthetic-size", "16",
         "--arch", "convnetd2", "--width", "8", "--json", str(out), "--device", "cpu"]) == 0
     import json
     rows = json.loads(out.read_text())["rows"]
@@ -79,7 +79,24 @@ def test_benchmark_runs_with_tiny_sizes(tmp_path, capsys):
     for r in rows:
         assert r["seconds_median"] > 0 and r["peak_memory_mb"] > 0
         assert r["ratio_to_naive"] > 0
-    assert "| IPC | variant |" in capsys.readouterr().out
+        has_stages = r["variant"] not in ("naive", "idm", "idm+all", "dance", "dance+all")
+        assert (r["stages"] is not None) == has_stages
+        if has_stages:
+            assert r["stages"]["real_forward"] > 0 and r["stages"]["backward"] > 0
+            assert ("auxiliary_losses" in r["stages"]) == True  # noqa: E712 (always timed)
+    out_text = capsys.readouterr().out
+    assert "| IPC | variant |" in out_text and "Stage breakdown" in out_text
+
+
+def test_benchmark_chunk_sweep_prints_each_chunk(capsys):
+    from benchmarks import iteration_cost
+    assert iteration_cost.main([
+        "--chunk-sweep", "2,5,100", "--batch-real", "4", "--warmup", "1", "--repeats", "1",
+        "--synthetic-per-class", "8", "--synthetic-size", "16", "--arch", "convnetd2",
+        "--width", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()] == ["2", "5", "100"]
 
 
 def test_channels_last_training_equals_plain(toy, tiny_factory):
@@ -102,3 +119,85 @@ def test_default_run_names_are_not_reused(tmp_path):
     assert _unused(str(base)) == str(base)
     base.mkdir(parents=True)
     assert _unused(str(base)) == f"{base}-2"
+
+
+# -- the chunked real forward ---------------------------------------------------------------
+def test_chunked_class_means_equal_the_means_of_one_forward():
+    from dm_plugins.loop import chunked_class_means, chunked_features, class_means
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 4, generator=g)
+    labels = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 2, 0])
+    weight = torch.randn(4, 5, generator=g)
+    embed = lambda part: part @ weight  # noqa: E731
+    want = class_means(x @ weight, labels, 4)           # class 3 absent: a zero row
+    for chunk in (1, 3, 4, 11, 100):
+        torch.testing.assert_close(chunked_class_means(embed, x, labels, 4, chunk), want)
+        torch.testing.assert_close(chunked_features(embed, x, chunk), x @ weight)
+    assert chunked_class_means(embed, x, labels, 4, 3)[3].abs().sum() == 0
+
+
+def test_chunked_class_means_hold_one_chunk_of_features_at_a_time():
+    from dm_plugins.loop import chunked_class_means
+    seen = []
+
+    def embed(part):
+        seen.append(part.shape[0])
+        return part.sum(dim=(1, 2, 3)).unsqueeze(1)
+    x = torch.ones(10, 1, 2, 2)
+    means = chunked_class_means(embed, x, torch.zeros(10, dtype=torch.long), 1, 4)
+    assert seen == [4, 4, 2] and means.tolist() == [[4.0]]
+
+
+def test_batch_independent_detects_batchnorm_in_training_mode(tiny_factory):
+    from dm_plugins.loop import batch_independent
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert not batch_independent(bn.train())
+    assert batch_independent(bn.eval())
+    assert batch_independent(tiny_factory())   # no batch-coupled layer
+
+
+def test_host_runs_a_batchnorm_extractor_on_the_whole_real_batch(toy):
+    """Chunking would change BatchNorm's batch statistics, so a BN network is never chunked:
+    any real_chunk gives the one-batch result."""
+    from baselines.harness.networks import get_network
+
+    def bn_factory():
+        return get_network("convnetd2", 1, 3, 8, width=8, norm="batchnorm")
+    loss, grad, _ = _loss_and_grad(toy, bn_factory, None, "none", real_chunk=1 << 20)
+    chunked_loss, chunked_grad, _ = _loss_and_grad(toy, bn_factory, None, "none", real_chunk=2)
+    torch.testing.assert_close(chunked_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(chunked_grad, grad, rtol=0, atol=0)
+
+
+def test_default_real_chunk_depends_on_the_device_type(toy, tiny_factory):
+    from dm_plugins.loop import DEFAULT_REAL_CHUNK, default_real_chunk
+    assert default_real_chunk("cpu") == DEFAULT_REAL_CHUNK["cpu"]
+    assert default_real_chunk(torch.device("cuda", 1)) == DEFAULT_REAL_CHUNK["cuda"]
+    syn = torch.cat([toy.sample(c, 1, torch.Generator().manual_seed(0)) for c in range(3)])
+    assert DMHost(toy, tiny_factory, syn, num_iterations=1).real_chunk == DEFAULT_REAL_CHUNK["cpu"]
+
+
+# -- stage timing ---------------------------------------------------------------------------
+def test_stage_timer_times_each_stage_of_a_host_iteration(toy, tiny_factory, pool):
+    from dm_plugins.profiling import StageTimer
+    timer = StageTimer()
+    syn = torch.cat([toy.sample(c, 2, torch.Generator().manual_seed(1)) for c in range(3)])
+    host = DMHost(toy, tiny_factory, syn, num_iterations=2, batch_real=4, stage_timer=timer,
+                  plugins=PluginSet.from_names("cap,plm", experts=pool),
+                  augment=group_scale_augment)
+    host.step(0)
+    host.close()
+    assert set(timer.seconds) == {"extractor", "real_batch", "augment_real", "real_forward",
+                                  "synthetic_forward", "cap", "auxiliary_losses", "backward",
+                                  "optimizer_step"}
+    assert all(v > 0 for v in timer.seconds.values())
+    timer.reset()
+    assert not timer.seconds
+
+
+def test_disabled_stage_timer_records_nothing():
+    from dm_plugins.profiling import StageTimer
+    timer = StageTimer(enabled=False)
+    with timer("x"):
+        pass
+    assert not timer.seconds

@@ -9,7 +9,7 @@ import torch
 
 from baselines.harness import factorization
 from dm_plugins import ClassIndexedTensors, DMHost, PluginSet, hookimpl
-from dm_plugins.loop import class_means
+from dm_plugins.loop import DEFAULT_REAL_CHUNK, class_means
 
 
 def _syn_init(toy, ipc, seed=1):
@@ -51,7 +51,7 @@ def test_defaults_are_dms_image_optimiser_and_plain_settings(toy, tiny_factory):
     assert host.seed == 0
     assert host.memory_format == torch.contiguous_format
     assert host.compile_real is False
-    assert host.real_chunk == 2560
+    assert host.real_chunk == DEFAULT_REAL_CHUNK["cpu"]  # measured per device type
     assert host.decode is None and host.augment is None
     assert host.extra == {}
     assert host.iteration == 0 and host.ipc == 1 and host.num_classes == 3

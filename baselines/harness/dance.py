@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import ExpertPool
-from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
+from dm_plugins.loop import (check_host_args, chunk_for, chunked_features, default_real_chunk,
+                             restore_synthetic, run_iterations)
 from dm_plugins.seeding import make_generator
 from dm_plugins.trajectory import interpolate_parameters_
 
@@ -93,6 +94,8 @@ class DANCE:
         iter_calib: inter-class passes per iteration (1).
         seed: all random draws derive from it.
         channels_last: networks and images in channels-last memory format.
+        real_chunk: the inner-class real forward runs in chunks of at most this many images
+            (None: :func:`dm_plugins.loop.default_real_chunk`; same result, faster on CPU).
     """
 
     def __init__(self, real, experts: ExpertPool, syn_init: torch.Tensor, *,
@@ -100,13 +103,14 @@ class DANCE:
                  augment=None, decode=None, batch_real: int = 128, batch_syn_max: int = 200,
                  lr: float = 0.1, momentum: float = 0.5, iter_calib: int = 1, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 extra: dict | None = None):
+                 real_chunk: int | None = None, extra: dict | None = None):
         self.real = real
         self.experts = experts
+        real_chunk = default_real_chunk(device) if real_chunk is None else real_chunk
         self.num_classes = int(real.num_classes)
         self.ipc = check_host_args("DANCE", syn_init, self.num_classes, positive={
             "num_iterations": num_iterations, "batch_real": batch_real,
-            "batch_syn_max": batch_syn_max}, nonnegative={"iter_calib": iter_calib})
+            "batch_syn_max": batch_syn_max, "real_chunk": real_chunk}, nonnegative={"iter_calib": iter_calib})
         if len(experts) < 1:
             raise ValueError("DANCE needs at least one expert")
         self.normalize = normalize
@@ -114,6 +118,7 @@ class DANCE:
         self.augment, self.decode = augment, decode
         self.batch_real, self.batch_syn_max = int(batch_real), int(batch_syn_max)
         self.iter_calib = int(iter_calib)
+        self.real_chunk = int(real_chunk)
         self.seed = int(seed)
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -196,7 +201,8 @@ class DANCE:
         both = self._augment(torch.cat([real, self.normalize(syn)]), c, t, _INNER, 0)
         real_aug, syn_aug = both[:real.shape[0]], both[real.shape[0]:]
         with torch.no_grad():
-            real_features = extractor.embed(real_aug)
+            real_features = chunked_features(extractor.embed, real_aug,
+                                             chunk_for(extractor, self.real_chunk))
         syn_features = extractor.embed(syn_aug)
         kept = self.select_real(c, real_features, syn_features, t)
         loss = ((kept.mean(0) - syn_features.mean(0)) ** 2).sum()

@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import build_network
-from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
+from dm_plugins.loop import (check_host_args, chunk_for, chunked_features, default_real_chunk,
+                             restore_synthetic, run_iterations)
 from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
 
 
@@ -229,7 +230,9 @@ class IDM:
             ``eval_interval``: 100, or 500 at IPC 50 on CIFAR).
         seed: all random draws derive from it.
         channels_last: networks and images in channels-last memory format (faster on CPU).
-        real_chunk: the real forward of a pass runs in chunks of at most this many images.
+        real_chunk: the real forward of a pass runs in chunks of at most this many images (None:
+            the device's default, :func:`dm_plugins.loop.default_real_chunk`; never chunked
+            for networks with BatchNorm in training mode).
     """
 
     def __init__(self, real, network_factory: Callable[[], nn.Module], syn_init: torch.Tensor, *,
@@ -240,8 +243,9 @@ class IDM:
                  trained_bs: int = 256, lr_net: float = 0.01, net_momentum: float = 0.9,
                  net_weight_decay: float = 5e-4, meter_interval: int = 100, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 real_chunk: int = 2560, extra: dict | None = None):
+                 real_chunk: int | None = None, extra: dict | None = None):
         self.real = real
+        real_chunk = default_real_chunk(device) if real_chunk is None else real_chunk
         self.network_factory = network_factory
         self.num_classes = int(real.num_classes)
         self.ipc = check_host_args("IDM", syn_init, self.num_classes, positive={
@@ -337,8 +341,8 @@ class IDM:
             augmented = torch.cat([
                 self._augment(b, torch.full((b.shape[0],), c, dtype=torch.long), t, k, c)
                 for c, b in enumerate(batches)])
-            features = torch.cat([extractor.embed(chunk)
-                                  for chunk in augmented.split(self.real_chunk)])
+            features = chunked_features(extractor.embed, augmented,
+                                        chunk_for(extractor, self.real_chunk))
         real_features = list(features.split([b.shape[0] for b in batches]))
         return MatchingPass(t, k, queue_net, extractor, real_features,
                             self.ce_weight * queue_net.accuracy)
