@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/iteration_cost-<device>.json)")
     p.add_argument("--synthetic-size", type=int, default=32, help="image size of the synthetic data")
     p.add_argument("--synthetic-per-class", type=int, default=300)
+    p.add_argument("--syn-chunk", type=int, default=None,
+                   help="synthetic-forward chunk of the DM host variants and PLM (activation "
+                        "checkpointing; default: the device's, off)")
     p.add_argument("--chunk-sweep", default=None,
                    help="comma list of real-forward chunk sizes to time instead of the variants")
     return p
@@ -157,7 +160,8 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                                iteration=t, device=device)
         return step, lambda: None, None
     # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
-    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False)
+    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False,
+                                   chunk=args.syn_chunk)
     if variant.startswith("idm"):
         from adapters.idm import build_idm_host
         host = build_idm_host(data, factory, syn_init, plugins=plugins, factor=args.factor,
@@ -184,6 +188,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                          channels_last=variant != "host-nchw",
                          compile_real=args.compile and not plain,
                          real_chunk=1 << 40 if plain else None,
+                         syn_chunk=None if plain else args.syn_chunk,
                          stage_timer=StageTimer(device))
     host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
     return host.step, host.close, host.stage

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .chunking import (checkpointed_forward, chunk_for, chunked_class_means, chunked_features,
+                       default_real_chunk, default_syn_chunk)
 from .context import DistillContext
 from .experts import build_network
 from .data import ClassIndexedData
@@ -51,53 +53,6 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts.unsqueeze(1).to(sums)
 
 
-DEFAULT_REAL_CHUNK = {"cpu": 32, "cuda": 1024}
-"""Real-forward chunk per device type, from ``benchmarks/iteration_cost.py --chunk-sweep``:
-on CPU (ConvNet-3, CIFAR-sized images) chunks of 8-32 images ran the forward ~1.5x faster than
-one batch of 2,560 (the activations stay in cache). The CUDA value was not measured here (no
-GPU); large chunks keep a GPU busy while bounding memory."""
-_WHOLE_BATCH = 1 << 62
-
-
-def default_real_chunk(device: str | torch.device) -> int:
-    """The real-forward chunk a host uses on ``device`` unless told otherwise."""
-    return DEFAULT_REAL_CHUNK.get(torch.device(device).type, DEFAULT_REAL_CHUNK["cuda"])
-
-
-def batch_independent(net: nn.Module) -> bool:
-    """True when ``net``'s output for an image does not depend on the other images of its batch
-    (no BatchNorm in training mode), so a forward may be split into chunks."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                   for m in net.modules())
-
-
-def chunk_for(net: nn.Module, chunk: int) -> int:
-    """``chunk``, or "everything at once" when ``net``'s forward couples the images of a batch
-    (see :func:`batch_independent`): the chunk a real forward through ``net`` may use."""
-    return chunk if batch_independent(net) else _WHOLE_BATCH
-
-
-def chunked_features(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     chunk: int) -> torch.Tensor:
-    """``embed(images)`` computed ``chunk`` images at a time (no graph is assumed)."""
-    return torch.cat([embed(part) for part in images.split(chunk)])
-
-
-def chunked_class_means(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                        labels: torch.Tensor, num_classes: int, chunk: int) -> torch.Tensor:
-    """``class_means(embed(images), labels, num_classes)`` with the forward run ``chunk``
-    images at a time and each chunk's features folded into the class sums at once, so the
-    features of all images are never held together."""
-    sums = None
-    for part, part_labels in zip(images.split(chunk), labels.split(chunk)):
-        features = embed(part)
-        if sums is None:
-            sums = features.new_zeros(num_classes, features.shape[1])
-        sums.index_add_(0, part_labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
-    return sums / counts.unsqueeze(1).to(sums)
-
-
 class DMHost:
     """Distribution matching over class-indexed real data, hosting dm_plugins hooks.
 
@@ -124,6 +79,10 @@ class DMHost:
             chunks are also faster on CPU: the activations stay in cache). Networks whose
             forward couples the images of a batch (BatchNorm in training mode) are run on the
             whole real batch at once instead, so chunking never changes the result.
+        syn_chunk: the synthetic forward (with graph) runs in chunks of at most this many images
+            under activation checkpointing (:func:`dm_plugins.chunking.checkpointed_forward`):
+            memory for one chunk's activations instead of all, for one extra forward. None:
+            :func:`dm_plugins.chunking.default_syn_chunk` (off). Same result.
         stage_timer: a :class:`dm_plugins.profiling.StageTimer` to time the stages of each
             iteration (benchmarks); None times nothing and adds no synchronisation.
     """
@@ -134,13 +93,15 @@ class DMHost:
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  compile_real: bool = False, real_chunk: int | None = None,
-                 stage_timer: StageTimer | None = None, extra: dict | None = None):
+                 syn_chunk: int | None = None, stage_timer: StageTimer | None = None, extra: dict | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
         self.device = torch.device(device)
         real_chunk = default_real_chunk(self.device) if real_chunk is None else real_chunk
+        syn_chunk = default_syn_chunk(self.device) if syn_chunk is None else syn_chunk
         self.ipc = check_host_args("DMHost", syn_init, self.num_classes, positive={
-            "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk})
+            "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk,
+            "syn_chunk": syn_chunk})
         self.num_iterations = int(num_iterations)
         self.plugins = plugins if plugins is not None else PluginSet()
         self.augment = augment
@@ -157,6 +118,7 @@ class DMHost:
         self.compile_real = bool(compile_real)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
+        self.syn_chunk = int(syn_chunk)
         self.stage = stage_timer if stage_timer is not None else StageTimer(enabled=False)
         self.iteration = 0
         self._set_up = False
@@ -218,7 +180,8 @@ class DMHost:
         with stage("synthetic_forward"):
             syn, syn_labels = self.synthetic_batch()
             syn_aug = self._augment(syn, syn_labels, t)
-            syn_features = net.embed(syn_aug)
+            syn_features = checkpointed_forward(net.embed, syn_aug,
+                                                chunk_for(net, self.syn_chunk))
 
         kept = real_labels
         if self.plugins.filters_real:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunking import checkpointed_forward, chunk_for, default_syn_chunk
 from .errors import PluginError
 from .hookspecs import hookimpl
 from .seeding import make_generator
@@ -98,13 +99,16 @@ class PseudoLabelMatching:
         max_real_per_class: real images per class for each expert's pseudo-labels (default 500;
             the cost of computing them is linear in it).
         lazy: compute an expert's pseudo-labels at its first use instead of at setup.
+        chunk: the expert's forward on the synthetic images runs in chunks of at most this many
+            images under activation checkpointing (bounded memory, one extra forward; same
+            loss). None: :func:`dm_plugins.chunking.default_syn_chunk` of the device (off).
     """
 
     name = "plm"
     needs_experts = True
 
     def __init__(self, experts=None, tau: float = 0.1, max_real_per_class: int = 500,
-                 lazy: bool = True):
+                 lazy: bool = True, chunk: int | None = None):
         if experts is None:
             raise PluginError("plugin 'plm' needs an expert pool: pass experts=ExpertPool(...), "
                               "e.g. from ExpertPool.load_or_train")
@@ -116,6 +120,9 @@ class PseudoLabelMatching:
         self.tau = float(tau)
         self.max_real_per_class = int(max_real_per_class)
         self.lazy = bool(lazy)
+        if chunk is not None and int(chunk) < 1:
+            raise PluginError(f"plm's chunk must be >= 1, got {chunk}")
+        self.chunk = None if chunk is None else int(chunk)
         self.targets: dict[int, torch.Tensor] = {}  # expert index -> (K, K) sharpened targets
         self.context = None
 
@@ -152,7 +159,9 @@ class PseudoLabelMatching:
         k = self.experts.pick(iteration)
         targets = self.pseudo_labels(k).to(syn_images.device)
         network = self.experts.trained_network(k, syn_images.device, self.context.memory_format)
-        return {"plm": pseudo_label_loss(network(syn_images), syn_labels, targets)}
+        chunk = default_syn_chunk(syn_images.device) if self.chunk is None else self.chunk
+        logits = checkpointed_forward(network, syn_images, chunk_for(network, chunk))
+        return {"plm": pseudo_label_loss(logits, syn_labels, targets)}
 
     @hookimpl
     def dm_teardown(self):

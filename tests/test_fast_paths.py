@@ -20,8 +20,9 @@ def _loss_and_grad(toy, factory, pool, spec, **options):
 
 @pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
 @pytest.mark.parametrize("options", [{"channels_last": True}, {"real_chunk": 4},
-                                     {"channels_last": True, "real_chunk": 5}],
-                         ids=["channels-last", "chunked", "both"])
+                                     {"channels_last": True, "real_chunk": 5},
+                                     {"syn_chunk": 1}, {"syn_chunk": 4, "real_chunk": 3}],
+                         ids=["channels-last", "chunked", "both", "syn-chunked", "all-chunked"])
 def test_fast_options_equal_plain(toy, tiny_factory, pool, spec, options):
     loss, grad, metrics = _loss_and_grad(toy, tiny_factory, pool, spec)
     fast_loss, fast_grad, fast_metrics = _loss_and_grad(toy, tiny_factory, pool, spec, **options)
@@ -123,7 +124,8 @@ def test_default_run_names_are_not_reused(tmp_path):
 
 # -- the chunked real forward ---------------------------------------------------------------
 def test_chunked_class_means_equal_the_means_of_one_forward():
-    from dm_plugins.loop import chunked_class_means, chunked_features, class_means
+    from dm_plugins.chunking import chunked_class_means, chunked_features
+    from dm_plugins.loop import class_means
     g = torch.Generator().manual_seed(3)
     x = torch.randn(11, 4, generator=g)
     labels = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 2, 0])
@@ -137,7 +139,7 @@ def test_chunked_class_means_equal_the_means_of_one_forward():
 
 
 def test_chunked_class_means_hold_one_chunk_of_features_at_a_time():
-    from dm_plugins.loop import chunked_class_means
+    from dm_plugins.chunking import chunked_class_means
     seen = []
 
     def embed(part):
@@ -149,7 +151,7 @@ def test_chunked_class_means_hold_one_chunk_of_features_at_a_time():
 
 
 def test_batch_independent_detects_batchnorm_in_training_mode(tiny_factory):
-    from dm_plugins.loop import batch_independent
+    from dm_plugins.chunking import batch_independent
     bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     assert not batch_independent(bn.train())
     assert batch_independent(bn.eval())
@@ -170,7 +172,7 @@ def test_host_runs_a_batchnorm_extractor_on_the_whole_real_batch(toy):
 
 
 def test_default_real_chunk_depends_on_the_device_type(toy, tiny_factory):
-    from dm_plugins.loop import DEFAULT_REAL_CHUNK, default_real_chunk
+    from dm_plugins.chunking import DEFAULT_REAL_CHUNK, default_real_chunk
     assert default_real_chunk("cpu") == DEFAULT_REAL_CHUNK["cpu"]
     assert default_real_chunk(torch.device("cuda", 1)) == DEFAULT_REAL_CHUNK["cuda"]
     syn = torch.cat([toy.sample(c, 1, torch.Generator().manual_seed(0)) for c in range(3)])
@@ -201,3 +203,44 @@ def test_disabled_stage_timer_records_nothing():
     with timer("x"):
         pass
     assert not timer.seconds
+
+
+def test_checkpointed_forward_recomputes_one_chunk_at_a_time_in_backward():
+    from dm_plugins.chunking import checkpointed_forward
+    calls = []
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def fn(part):
+        calls.append(part.shape[0])
+        return torch.tanh(part @ weight)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    want_grad, = torch.autograd.grad(torch.tanh(x @ weight).pow(2).sum(), x)
+    out = checkpointed_forward(fn, x, 2)
+    assert calls == [2, 2, 2]                       # forward: no graph kept, inputs only
+    out.pow(2).sum().backward()
+    assert calls == [2, 2, 2, 2, 2, 2]              # backward: each chunk recomputed once
+    torch.testing.assert_close(x.grad, want_grad)
+    calls.clear()
+    checkpointed_forward(fn, x, 6)
+    assert calls == [6]                             # one chunk: the plain forward
+
+
+def test_plm_chunked_expert_forward_gives_the_same_loss_and_gradient(toy, pool):
+    from dm_plugins import DistillContext
+    from dm_plugins.pseudo_label import PseudoLabelMatching
+    ctx = DistillContext(num_classes=3, ipc=2, num_iterations=4, real=toy, seed=0)
+    syn = torch.cat([toy.sample(c, 2, torch.Generator().manual_seed(2)) for c in range(3)])
+    labels = torch.arange(3).repeat_interleave(2)
+    results = []
+    for chunk in (None, 1, 4):
+        plugin = PseudoLabelMatching(pool, chunk=chunk)
+        plugin.dm_setup(ctx)
+        x = syn.clone().requires_grad_(True)
+        loss = plugin.dm_auxiliary_loss(x, labels, 3)["plm"]
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])
+    with pytest.raises(Exception, match="chunk must be >= 1"):
+        PseudoLabelMatching(pool, chunk=0)

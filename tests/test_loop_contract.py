@@ -9,7 +9,8 @@ import torch
 
 from baselines.harness import factorization
 from dm_plugins import ClassIndexedTensors, DMHost, PluginSet, hookimpl
-from dm_plugins.loop import DEFAULT_REAL_CHUNK, class_means
+from dm_plugins.chunking import DEFAULT_REAL_CHUNK
+from dm_plugins.loop import class_means
 
 
 def _syn_init(toy, ipc, seed=1):
@@ -94,7 +95,7 @@ def test_uneven_synthetic_set_message(toy, tiny_factory):
         DMHost(toy, tiny_factory, syn, num_iterations=2)
 
 
-@pytest.mark.parametrize("name", ["num_iterations", "batch_real", "real_chunk"])
+@pytest.mark.parametrize("name", ["num_iterations", "batch_real", "real_chunk", "syn_chunk"])
 def test_positive_settings_message(toy, tiny_factory, name):
     kwargs = {"num_iterations": 2, name: 0}
     with pytest.raises(ValueError, match=rf"^DMHost: {name} must be >= 1, got 0$"):

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import ExpertPool
-from dm_plugins.loop import (check_host_args, chunk_for, chunked_features, default_real_chunk,
-                             restore_synthetic, run_iterations)
+from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
+from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
 from dm_plugins.seeding import make_generator
 from dm_plugins.trajectory import interpolate_parameters_
 

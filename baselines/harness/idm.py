@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dm_plugins.experts import build_network
-from dm_plugins.loop import (check_host_args, chunk_for, chunked_features, default_real_chunk,
-                             restore_synthetic, run_iterations)
+from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
+from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
 from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
 
 

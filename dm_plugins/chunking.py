@@ -1,0 +1,88 @@
+"""Chunked forwards: bounded memory for the real and synthetic paths of every host.
+
+A forward through a network whose output for one image does not depend on the rest of its batch
+(:func:`batch_independent`) can be split into chunks without changing the result:
+
+- the real forward (no graph): :func:`chunked_features`, or :func:`chunked_class_means`, which
+  folds each chunk's features into the class sums at once;
+- the synthetic forward (with graph): :func:`checkpointed_forward` keeps only the chunks' inputs
+  and recomputes one chunk's activations at a time in the backward pass (activation
+  checkpointing), so the graph of all synthetic images is never held at once. It costs one extra
+  forward of the synthetic images.
+
+Networks with BatchNorm in training mode couple a batch's images: :func:`chunk_for` then answers
+"everything at once", so chunking never changes what is computed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_REAL_CHUNK = {"cpu": 32, "cuda": 1024}
+"""Real-forward chunk per device type, from ``benchmarks/iteration_cost.py --chunk-sweep``:
+on CPU (ConvNet-3, CIFAR-sized images) chunks of 8-32 images ran the forward ~1.5x faster than
+one batch of 2,560 (the activations stay in cache). The CUDA value was not measured here (no
+GPU); large chunks keep a GPU busy while bounding memory."""
+_WHOLE_BATCH = 1 << 62
+
+
+def default_real_chunk(device: str | torch.device) -> int:
+    """The real-forward chunk a host uses on ``device`` unless told otherwise."""
+    return DEFAULT_REAL_CHUNK.get(torch.device(device).type, DEFAULT_REAL_CHUNK["cuda"])
+
+
+def batch_independent(net: nn.Module) -> bool:
+    """True when ``net``'s output for an image does not depend on the other images of its batch
+    (no BatchNorm in training mode), so a forward may be split into chunks."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                   for m in net.modules())
+
+
+def chunk_for(net: nn.Module, chunk: int) -> int:
+    """``chunk``, or "everything at once" when ``net``'s forward couples the images of a batch
+    (see :func:`batch_independent`): the chunk a real forward through ``net`` may use."""
+    return chunk if batch_independent(net) else _WHOLE_BATCH
+
+
+def chunked_features(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     chunk: int) -> torch.Tensor:
+    """``embed(images)`` computed ``chunk`` images at a time (no graph is assumed)."""
+    return torch.cat([embed(part) for part in images.split(chunk)])
+
+
+def chunked_class_means(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        labels: torch.Tensor, num_classes: int, chunk: int) -> torch.Tensor:
+    """``class_means(embed(images), labels, num_classes)`` with the forward run ``chunk``
+    images at a time and each chunk's features folded into the class sums at once, so the
+    features of all images are never held together."""
+    sums = None
+    for part, part_labels in zip(images.split(chunk), labels.split(chunk)):
+        features = embed(part)
+        if sums is None:
+            sums = features.new_zeros(num_classes, features.shape[1])
+        sums.index_add_(0, part_labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
+    return sums / counts.unsqueeze(1).to(sums)
+
+
+DEFAULT_SYN_CHUNK = {"cpu": 1 << 62, "cuda": 1 << 62}
+"""Synthetic-forward chunk per device type: off by default (one forward with graph); chunking
+trades one extra forward for memory (see ``--syn-chunk`` in ``benchmarks/iteration_cost.py``)."""
+
+
+def default_syn_chunk(device: str | torch.device) -> int:
+    """The synthetic-forward chunk a host uses on ``device`` unless told otherwise."""
+    return DEFAULT_SYN_CHUNK.get(torch.device(device).type, DEFAULT_SYN_CHUNK["cuda"])
+
+
+def checkpointed_forward(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """``fn(images)`` with a graph, computed ``chunk`` images at a time under activation
+    checkpointing: the backward pass recomputes one chunk's activations at a time. With
+    ``chunk >= len(images)`` it is exactly ``fn(images)`` (no recomputation)."""
+    if chunk >= images.shape[0]:
+        return fn(images)
+    return torch.cat([checkpoint(fn, part, use_reentrant=False) for part in images.split(chunk)])
