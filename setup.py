@@ -16,6 +16,7 @@ setup(
         "numpy>=1.22",
         "pluggy>=1.3",
         "tqdm>=4.60",
+        "matplotlib>=3.5",  # curves.png, the report's and the ablation's figures
         # only for the embedded `digits` dataset (real 8x8 digits shipped inside scikit-learn),
         # which makes the quickstart work offline with no download
         "scikit-learn>=1.0",

@@ -36,7 +36,7 @@ def test_every_plugin_subset_runs_and_writes_a_run_directory(spec, tmp_path, cap
     assert dm.main(TINY + ["--plugins", spec, "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "synthetic.pt", "grid.png", "metrics.jsonl", "results.json",
-            "run.log", "checkpoint.pt"} <= names
+            "run.log", "checkpoint.pt", "curves.png"} <= names
     config = json.loads((out / "config.json").read_text())
     plugins = [] if spec == "none" else spec.split(",")
     assert config["plugins"] == plugins and config["seed"] == 0

@@ -215,6 +215,9 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--expert-recipe", choices=sorted(RECIPES), default=spec.defaults.get("expert_recipe",
                                                                            DEFAULT_RECIPE),
       help="how experts are trained: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
+    a("--expert-seed", type=int, default=None,
+      help="the expert pool's seed, part of its cache key (default: --seed); runs of several "
+           "seeds share one pool when given the same --expert-seed")
     a("--arch", default="convnet", help="distillation / expert network")
     a("--factor", type=int, default=None,
       help=f"factorisation factor f: each stored image holds f x f images {d('factor')}")
@@ -327,6 +330,7 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
         "lam": v["lam"], "tau": v["tau"], "experts": v["experts"],
         "num_experts": v["num_experts"], "expert_epochs": v["expert_epochs"],
         "expert_recipe": v["expert_recipe"],
+        "expert_seed": v["seed"] if v.get("expert_seed") is None else v["expert_seed"],
         "arch": v["arch"], "factor": v["factor"], "lr_img": v["lr_img"],
         "momentum": v["momentum"], "batch_real": v["batch_real"], "init": v["init"],
         "dsa": not v["no_dsa"], "seed": v["seed"], "device": v["device"],
@@ -417,19 +421,43 @@ def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, co
                              f"{flag} (or start a new run)")
 
 
+def new_run_config(spec: MethodSpec, args: argparse.Namespace,
+                   explicit: frozenset[str] | set[str] = frozenset()) -> tuple["Dataset", dict]:
+    """The dataset and the checked config of a new run (``args.resume`` unset): plugin names,
+    then the data, every setting's rule, the IPC and the device; nothing is written. Raises the
+    user errors a run would raise before it starts."""
+    from dm_plugins import check_plugin_names
+
+    from .common import UsageError, check_ipc, resolve_device
+    from .datasets import canonical_dataset_name, load_dataset
+    from .runs import environment
+    from .validation import check_config
+
+    if args.plugins is not None:
+        if not args.plugins.strip():
+            raise UsageError("--plugins is empty; name plugins (e.g. cap,plm) or 'none'")
+        check_plugin_names(args.plugins)  # before any slow work (data, experts)
+    dataset = load_dataset(canonical_dataset_name(args.dataset), args.data_path)
+    config = resolve_config(spec, args, dataset, explicit)
+    check_config(config, spec.checks, image_size=dataset.image_size, out=args.out)
+    check_ipc(dataset, config["ipc"], config["factor"], config["init"])
+    config["device"] = str(resolve_device(config["device"]))  # resume keeps this device
+    config["environment"] = environment()
+    return dataset, config
+
+
 def run(spec: MethodSpec, args: argparse.Namespace,
         explicit: frozenset[str] | set[str] = frozenset(), stop: "StopRequest | None" = None
         ) -> int:
     """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors."""
-    from dm_plugins import PluginSet, check_plugin_names, plugins_need_experts
+    from dm_plugins import ExpertPool, PluginSet, plugins_need_experts
 
-    from .common import (UsageError, check_ipc, evaluate_stored, initial_synthetic,
-                         resolve_device, save_synthetic)
+    from .common import evaluate_stored, initial_synthetic, resolve_device, save_synthetic
     from .datasets import canonical_dataset_name, load_dataset
     from .errors import USER_ERRORS
     from .expert_cache import load_or_train_experts
     from .networks import get_network
-    from .runs import RunDir, RunError, environment, peak_memory_mb
+    from .runs import RunDir, RunError, peak_memory_mb
     from .guards import StopRequest, refuse_non_finite, warn_if_saturated
     from .validation import check_config
 
@@ -448,24 +476,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         if missing:
             raise RunError(f"{run_dir.config_path} lacks {', '.join(missing)}; it was not "
                            f"written by this program or was edited; start a new run")
-        dataset_name, data_path = config["dataset"], config["data_path"]
+        dataset = load_dataset(canonical_dataset_name(config["dataset"]), config["data_path"])
+        check_config(config, spec.checks, image_size=dataset.image_size)
     else:
-        if args.plugins is not None:
-            if not args.plugins.strip():
-                raise UsageError("--plugins is empty; name plugins (e.g. cap,plm) or 'none'")
-            check_plugin_names(args.plugins)  # before any slow work (data, experts)
-        dataset_name, data_path = args.dataset, args.data_path
-    dataset = load_dataset(canonical_dataset_name(dataset_name), data_path)
-    if not args.resume:
-        config = resolve_config(spec, args, dataset, explicit)
-        check_config(config, spec.checks, image_size=dataset.image_size, out=args.out)
-        check_ipc(dataset, config["ipc"], config["factor"], config["init"])
-        config["device"] = str(resolve_device(config["device"]))  # resume keeps this device
-        config["environment"] = environment()
+        dataset, config = new_run_config(spec, args, explicit)
         run_dir = RunDir.create(args.out or unused_path(default_out(config)), config)
         created = True
-    else:
-        check_config(config, spec.checks, image_size=dataset.image_size)
     stop.run_dir = run_dir
     device = resolve_device(config["device"])
     channels_last = use_channels_last(config["channels_last"], device)
@@ -482,11 +498,15 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     try:  # a setup failure of a new run leaves no half-made run directory behind
         experts = None
         if spec.needs_experts or plugins_need_experts(config["plugins"]):
+            expert_seed = config.get("expert_seed", config["seed"])
             experts, _ = load_or_train_experts(
                 dataset, config["arch"], num_experts=config["num_experts"],
-                epochs=config["expert_epochs"], seed=config["seed"],
+                epochs=config["expert_epochs"], seed=expert_seed,
                 directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
                 device=device, progress=progress, channels_last=channels_last, log=log)
+            if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays
+                experts = ExpertPool(experts.experts, experts.network_factory,  # the run's own
+                                     seed=config["seed"], meta=experts.meta)
         plugins = PluginSet.from_names(config["plugins"], experts=experts,
                                        alpha=config["alpha"], lam=config["lam"],
                                        tau=config["tau"])
@@ -539,6 +559,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                    method=config["method"], plugins=config["plugins"], config=config,
                    seed=config["seed"])
     log(f"wrote {run_dir.synset_path} and {run_dir.grid_path}")
+    write_curves(run_dir, log)
     if config["eval_runs"] > 0:
         results = evaluate_stored(
             dataset, stored, ipc=config["ipc"], factor=config["factor"],
@@ -552,9 +573,25 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                         "iterations": config["iterations"]})
         if "preset" in config:
             summary["preset"] = config["preset"]
+        if experts is not None:
+            summary["expert_test_accuracy"] = [e.meta.get("test_accuracy")
+                                               for e in experts.experts]
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
+
+
+def write_curves(run_dir, log: Callable[[str], None]) -> None:
+    """``curves.png`` of the run's ``metrics.jsonl`` (loss parts and ``real_kept`` over
+    iterations, atomically); a failure to plot is a warning, never a failed run."""
+    try:
+        from .plots import plot_curves, read_metrics
+        plot_curves([(run_dir.path.name, read_metrics(run_dir.metrics_path))],
+                    run_dir.curves_path)
+    except Exception as exc:  # noqa: BLE001 - plotting must never fail a finished run
+        log(f"warning: could not write {run_dir.curves_path} ({type(exc).__name__}: {exc})")
+        return
+    log(f"wrote {run_dir.curves_path}")
 
 
 def _logger(run_dir):

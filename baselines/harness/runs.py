@@ -8,6 +8,7 @@ A run directory holds::
     run.log          human-readable log
     synthetic.pt     the synthetic set (harness file format, see synset.py)
     grid.png         image grid, one row per class
+    curves.png       loss parts and real_kept over iterations (from metrics.jsonl)
     results.json     evaluation: accuracy_mean, accuracy_std, accuracies, arch, protocol
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ class RunDir:
     log_path = property(lambda self: self.path / "run.log")
     synset_path = property(lambda self: self.path / "synthetic.pt")
     grid_path = property(lambda self: self.path / "grid.png")
+    curves_path = property(lambda self: self.path / "curves.png")
     results_path = property(lambda self: self.path / "results.json")
 
     @classmethod

@@ -1,0 +1,415 @@
+#!/usr/bin/env python
+"""Plugin ablation: every subset of the plugins x seeds, one method, one preset, one expert pool.
+
+Usage (from the repo root)::
+
+    python baselines/ablate.py --method dm --plugins cap,ptm,plm --seeds 0,1,2 --out runs/abl \\
+        --preset ptlm --dataset imagefolder:data/cifar10-mini --iterations 300 --eval-runs 3
+    python baselines/ablate.py --method dm --subsets "none;cap;cap,ptm" --seeds 0 --out runs/a2
+
+Cells are ``(plugin subset, seed)``: every subset of ``--plugins`` (none first, then the single
+plugins, the pairs, ..., all of them; within a size in ``--plugins`` order), or the
+``;``-separated ``--subsets``, times ``--seeds``. Each cell is one run of
+``baselines/<method>.py`` (a subprocess) in ``OUT/cells/<subset>-s<seed>`` (``<subset>`` is
+``none`` or the plugins joined by ``+``), its output in ``OUT/logs/<subset>-s<seed>.log``. Every
+other flag (``--preset``, ``--dataset``, ``--iterations``, ...) goes to every cell unchanged.
+All cells share one expert pool: ``--expert-seed`` (default: the first seed) is passed to each.
+
+A rerun of the same command resumes: a cell with ``results.json`` is read back, a cell with a
+run directory but no results continues with ``--resume``, the others start. ``OUT/ablation.json``
+records the settings; another command on the same ``OUT`` is refused. ``--jobs N`` runs N cells
+at once (each with ``OMP_NUM_THREADS`` = cores // N unless set); the first cell that trains or
+loads experts then runs alone, so the pool is trained once.
+
+Writes ``OUT/ablation.csv`` (one row per evaluation run of every cell: subset, seed, arch,
+eval_run, accuracy, run_dir), ``OUT/ablation.md`` (one row per subset: final-epoch test accuracy
+in %, mean ± population std over all evaluation runs of all seeds, and n, their number) and
+``OUT/ablation.png`` (the same as bars with ± std error bars). Exit 0 when every cell finished,
+1 when some failed (their logs are named), 2 for bad input (before any work).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("dm", "idm", "dance")
+FORMAT = "dm_plugins.ablation"
+OWNED = {"plugins": "--plugins/--subsets", "seed": "--seeds", "out": "--out",
+         "resume": "a rerun of the same command (it resumes)"}
+"""Method flags the runner sets itself (argparse dest -> what to use instead)."""
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from baselines.harness.driver import DefaultsOnceFormatter
+    from baselines.harness.validation import OneLineParser
+    p = OneLineParser(prog="baselines/ablate.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsOnceFormatter,
+                      allow_abbrev=False,
+                      epilog="Any other flag is passed to baselines/<method>.py for every cell.")
+    p.add_argument("--method", choices=METHODS, required=True, help="the distillation method")
+    p.add_argument("--plugins", default="cap,ptm,plm",
+                   help="plugins whose every subset is a row")
+    p.add_argument("--subsets", default=None,
+                   help="';'-separated plugin subsets instead of all of them, e.g. "
+                        "\"none;cap;cap,ptm\"")
+    p.add_argument("--seeds", default="0", help="comma list of run seeds")
+    p.add_argument("--out", required=True, help="the ablation directory")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once")
+    return p
+
+
+# -- cells ------------------------------------------------------------------------------------
+def expand_subsets(plugins: list[str]) -> list[list[str]]:
+    """Every subset of ``plugins``: the empty one, then by size, within a size in
+    ``itertools.combinations`` order of ``plugins``."""
+    return [list(c) for r in range(len(plugins) + 1) for c in itertools.combinations(plugins, r)]
+
+
+def parse_subsets(text: str) -> list[list[str]]:
+    """``"none;cap;cap,ptm"`` -> ``[[], ["cap"], ["cap", "ptm"]]`` (names checked; an empty
+    entry or a subset listed twice is a UsageError)."""
+    from baselines.harness.common import UsageError
+    from dm_plugins import check_plugin_names
+    subsets, seen = [], set()
+    for entry in text.split(";"):
+        if not entry.strip():
+            raise UsageError(f"--subsets {text!r} has an empty entry; write 'none' for no "
+                             f"plugins")
+        subset = check_plugin_names(entry)
+        if frozenset(subset) in seen:
+            raise UsageError(f"--subsets lists {subset_name(subset)} twice")
+        seen.add(frozenset(subset))
+        subsets.append(subset)
+    return subsets
+
+
+def parse_seeds(text: str) -> list[int]:
+    from baselines.harness.common import UsageError
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give a comma list of integers") from None
+    if not seeds:
+        raise UsageError("--seeds names no seed; give e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r} lists a seed twice")
+    return seeds
+
+
+def subset_name(subset: list[str]) -> str:
+    return "+".join(subset) or "none"
+
+
+@dataclass(frozen=True)
+class Cell:
+    subset: tuple[str, ...]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{subset_name(list(self.subset))}-s{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return out / "cells" / self.name
+
+    def log_path(self, out: Path) -> Path:
+        return out / "logs" / f"{self.name}.log"
+
+
+def new_cell_argv(cell: Cell, out: Path, extra: list[str]) -> list[str]:
+    """The method command line that starts ``cell``: the shared flags, its plugins, seed and
+    run directory."""
+    return [*extra, "--plugins", ",".join(cell.subset) or "none", "--seed", str(cell.seed),
+            "--out", str(cell.run_dir(out)), "--no-progress"]
+
+
+def cell_argv(cell: Cell, out: Path, extra: list[str]) -> list[str]:
+    """The method command line of ``cell``: ``--resume`` when its run directory holds a run,
+    else :func:`new_cell_argv`."""
+    run_dir = cell.run_dir(out)
+    if (run_dir / "config.json").is_file():
+        return ["--resume", str(run_dir), "--no-progress"]
+    return new_cell_argv(cell, out, extra)
+
+
+def run_cell(method: str, argv: list[str], log_path: Path, env: dict) -> int:
+    """Run ``baselines/<method>.py argv`` in a subprocess, its output appended to ``log_path``;
+    the exit code."""
+    command = [sys.executable, str(ROOT / "baselines" / f"{method}.py"), *argv]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def cell_env(jobs: int) -> dict:
+    """The environment of a cell: ours, with the thread counts set to cores // jobs unless
+    already set."""
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for var in _THREAD_VARS:
+        env.setdefault(var, threads)
+    return env
+
+
+def read_results(run_dir: Path) -> dict | None:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+# -- settings and the ablation directory ------------------------------------------------------
+def check_out(out: Path, settings: dict) -> None:
+    """``out`` is new, empty, or an ablation directory of the same settings."""
+    from baselines.harness.common import UsageError
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    record = out / "ablation.json"
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            raise UsageError(f"{record} is unreadable; choose another --out") from None
+        if recorded != settings:
+            diff = sorted(k for k in set(settings) | set(recorded or {})
+                          if (recorded or {}).get(k) != settings.get(k))
+            raise UsageError(f"--out {out} holds an ablation with other settings "
+                             f"({', '.join(diff)} differ); rerun it with its own command "
+                             f"(see {record}) or choose another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not an ablation directory; choose a new "
+                         f"or empty --out")
+
+
+def validate(args: argparse.Namespace, extra: list[str]) -> tuple[list[Cell], dict, dict]:
+    """Every check, before any work: the cells, the settings (what ``ablation.json`` records
+    and compares) and the resolved config of the first cell (for the report's header)."""
+    from baselines.harness import driver
+    from baselines.harness.common import UsageError
+    from dm_plugins import check_plugin_names
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.subsets is not None:
+        subsets = parse_subsets(args.subsets)
+    else:
+        plugins = check_plugin_names(args.plugins)
+        subsets = expand_subsets(plugins)
+    seeds = parse_seeds(args.seeds)
+    spec = _spec(args.method)
+    _, explicit = driver.parse_args(spec, extra)
+    for dest, instead in OWNED.items():
+        if dest in explicit:
+            raise UsageError(f"--{dest.replace('_', '-')} is set by the ablation runner for "
+                             f"each cell; use {instead}")
+    if "expert_seed" not in explicit:
+        extra = [*extra, "--expert-seed", str(seeds[0])]
+    out = Path(args.out)
+    cells = [Cell(tuple(s), seed) for s in subsets for seed in seeds]
+    _, config = driver.new_run_config(spec, *driver.parse_args(
+        spec, new_cell_argv(cells[0], out, extra)))
+    if config["eval_runs"] < 1:
+        raise UsageError("--eval-runs must be >= 1 in an ablation (its table is the "
+                         "evaluation)")
+    settings = {"method": args.method, "subsets": [subset_name(s) for s in subsets],
+                "seeds": seeds, "args": extra}
+    check_out(out, settings)
+    return cells, settings, config
+
+
+def _spec(method: str):
+    import importlib
+    return importlib.import_module(f"baselines.{method}").SPEC
+
+
+# -- running ----------------------------------------------------------------------------------
+def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs: int,
+              needs_experts) -> list[Cell]:
+    """Run the unfinished ``cells`` (``jobs`` at a time; with jobs > 1 the first cell that
+    ``needs_experts`` runs alone first); the cells that failed."""
+    pending = [c for c in cells if read_results(c.run_dir(out)) is None]
+    done = len(cells) - len(pending)
+    if done:
+        print(f"{done} of {len(cells)} cells already finished (read back)", flush=True)
+    failed: list[Cell] = []
+    lock = threading.Lock()
+    env = cell_env(jobs)
+    counter = itertools.count(done + 1)
+
+    def one(cell: Cell) -> None:
+        argv = cell_argv(cell, out, extra)
+        how = "resume" if argv[0] == "--resume" else "start"
+        with lock:
+            print(f"[{next(counter)}/{len(cells)}] {how} {cell.name}", flush=True)
+        started = time.perf_counter()
+        code = run_cell(method, argv, cell.log_path(out), env)
+        results = read_results(cell.run_dir(out))
+        seconds = time.perf_counter() - started
+        with lock:
+            if code == 0 and results is not None:
+                print(f"finished {cell.name} in {seconds:.0f} s: "
+                      f"{results.get('accuracy_mean', math.nan):.2f} ± "
+                      f"{results.get('accuracy_std', math.nan):.2f}", flush=True)
+            else:
+                failed.append(cell)
+                print(f"failed {cell.name} (exit {code}); see {cell.log_path(out)}", flush=True)
+
+    if jobs > 1:
+        first = next((c for c in pending if needs_experts(c)), None)
+        if first is not None:
+            pending.remove(first)
+            one(first)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, pending))
+    return failed
+
+
+# -- the tables -------------------------------------------------------------------------------
+def collect(cells: list[Cell], out: Path) -> list[dict]:
+    """One row per evaluation run of every finished cell (the rows of ``ablation.csv``)."""
+    rows = []
+    for cell in cells:
+        results = read_results(cell.run_dir(out))
+        if results is None:
+            continue
+        for arch_result in results.get("per_arch") or [results]:
+            for i, accuracy in enumerate(arch_result.get("accuracies", [])):
+                rows.append({"subset": subset_name(list(cell.subset)), "seed": cell.seed,
+                             "arch": arch_result.get("arch", "convnet"), "eval_run": i,
+                             "accuracy": accuracy,
+                             "run_dir": str(Path("cells") / cell.name)})
+    return rows
+
+
+def summarize(rows: list[dict], subsets: list[str]) -> dict[str, dict[str, tuple]]:
+    """arch -> subset -> (mean, population std, n) over every accuracy of that subset."""
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    table: dict[str, dict[str, tuple]] = {}
+    for arch in archs:
+        table[arch] = {}
+        for subset in subsets:
+            values = [r["accuracy"] for r in rows if r["arch"] == arch and r["subset"] == subset]
+            table[arch][subset] = ((statistics.fmean(values), statistics.pstdev(values),
+                                    len(values)) if values else (math.nan, math.nan, 0))
+    return table
+
+
+def markdown(settings: dict, config: dict, table: dict, cells: list[Cell], out: Path,
+             experts: list[float] | None) -> str:
+    archs = list(table) or [config["eval_arch"][0]]
+    lines = [f"# Ablation: {settings['method']}, preset {config.get('preset')}, "
+             f"{config['dataset']}, IPC {config['ipc']}, {config['iterations']} iterations", "",
+             f"Seeds {', '.join(map(str, settings['seeds']))}; each cell evaluated "
+             f"{config['eval_runs']} x {config['eval_epochs']} epochs "
+             f"({config['eval_protocol']} protocol). Accuracy: final-epoch test accuracy (%), "
+             f"mean ± population std over every evaluation run of every seed; n: their number.",
+             ""]
+    if experts:
+        lines += [f"Experts (one pool, expert seed {config.get('expert_seed')}): "
+                  f"{len(experts)} x {config['arch']}, test accuracy "
+                  f"{', '.join(f'{a:.1f}' for a in experts)} "
+                  f"(mean {statistics.fmean(experts):.2f}).", ""]
+    header = ["plugins"] + [h for arch in archs for h in (f"{arch} accuracy (%)", "n")]
+    lines += ["| " + " | ".join(header) + " |",
+              "|---|" + "---:|---:|" * len(archs)]
+    for subset in settings["subsets"]:
+        cells_text = []
+        for arch in archs:
+            mean, std, n = table.get(arch, {}).get(subset, (math.nan, math.nan, 0))
+            cells_text += ["-" if n == 0 else f"{mean:.2f} ± {std:.2f}", str(n)]
+        lines.append("| " + " | ".join([subset, *cells_text]) + " |")
+    missing = [c.name for c in cells if read_results(c.run_dir(out)) is None]
+    if missing:
+        lines += ["", f"Not finished: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) -> None:
+    """``ablation.csv``, ``ablation.md`` and ``ablation.png`` from the finished cells."""
+    from baselines.harness.plots import plot_bars
+    from dm_plugins.atomic import atomic_write_bytes
+    rows = collect(cells, out)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["subset", "seed", "arch", "eval_run", "accuracy",
+                                     "run_dir"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "ablation.csv", buffer.getvalue().encode())
+    table = summarize(rows, settings["subsets"])
+    experts = next((r["expert_test_accuracy"] for c in cells
+                    if (r := read_results(c.run_dir(out))) and r.get("expert_test_accuracy")),
+                   None)
+    text = markdown(settings, config, table, cells, out, experts)
+    atomic_write_bytes(out / "ablation.md", text.encode("utf-8"))
+    series = {arch: ([table[arch][s][0] for s in settings["subsets"]],
+                     [table[arch][s][1] for s in settings["subsets"]]) for arch in table}
+    plot_bars(settings["subsets"], series or {"none": ([math.nan] * len(settings["subsets"]),
+                                                       [0.0] * len(settings["subsets"]))},
+              out / "ablation.png",
+              title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, "
+                    f"IPC {config['ipc']}: mean ± std")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    from baselines.harness.errors import USER_ERRORS
+    from dm_plugins import plugins_need_experts
+    from dm_plugins.atomic import atomic_write_json
+    out = Path(args.out)
+    try:
+        try:
+            cells, settings, config = validate(args, extra)
+        except SystemExit as exc:  # the method's parser refused a flag (one line printed)
+            return int(exc.code or 0)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "ablation.json", {
+            "format": FORMAT, "version": 1, "settings": settings,
+            "command": ["baselines/ablate.py", *(argv if argv is not None else sys.argv[1:])]})
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spec = _spec(args.method)
+    needs = lambda cell: spec.needs_experts or plugins_need_experts(list(cell.subset))  # noqa
+    print(f"ablation of {args.method}: {len(settings['subsets'])} subsets x "
+          f"{len(settings['seeds'])} seeds = {len(cells)} cells in {out / 'cells'}", flush=True)
+    try:
+        failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to resume ({out} keeps finished cells)",
+              file=sys.stderr)
+        return 130
+    write_outputs(out, settings, config, cells)
+    print(f"wrote {out / 'ablation.csv'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
+    if failed:
+        print(f"{len(failed)} of {len(cells)} cells failed: "
+              f"{', '.join(c.name for c in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

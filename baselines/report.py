@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""One report of several runs: an accuracy table and plots.
+
+Usage (from the repo root)::
+
+    python baselines/report.py runs/mini-none runs/mini-ptlm runs/mini-random --out report
+
+Takes distillation run directories (``config.json``, ``results.json``, ``metrics.jsonl``,
+``grid.png``) and coreset outputs (``synthetic.pt``, ``grid.png``, and ``evaluation.json`` once
+``baselines/evaluate.py`` evaluated them), and writes into ``--out``:
+
+* ``report.md``: one row per run (named by its path relative to the runs' common parent):
+  run, method, plugins, preset, ipc, iterations, accuracy
+  (mean ± std, final-epoch test accuracy in %, of the first evaluated architecture:
+  ``results.json``, else ``evaluation.json``'s convnet or first entry), n (evaluation runs) and
+  the experts' test accuracy when the run records it;
+* ``curves.png``: every loss part (``metrics.jsonl`` keys starting with ``loss``) and
+  ``real_kept`` over iterations, one line per run;
+* ``grids.png``: the runs' ``grid.png`` side by side, titled with the run.
+
+The three files are rewritten on each call; ``--out`` may not be a run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COLUMNS = ("run", "method", "plugins", "preset", "ipc", "iterations", "accuracy (%)", "n",
+           "experts' accuracy (%)")
+
+
+@dataclass
+class RunSummary:
+    """What the report shows of one run directory."""
+
+    label: str
+    path: Path
+    method: str = "-"
+    plugins: str = "-"
+    preset: str = "-"
+    ipc: str = "-"
+    iterations: str = "-"
+    accuracies: list[float] = field(default_factory=list)
+    accuracy_mean: float | None = None
+    accuracy_std: float | None = None
+    expert_accuracy: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def grid(self) -> Path:
+        return self.path / "grid.png"
+
+    def row(self) -> list[str]:
+        accuracy = ("-" if self.accuracy_mean is None else
+                    f"{self.accuracy_mean:.2f} ± {self.accuracy_std or 0.0:.2f}")
+        experts = "-"
+        if self.expert_accuracy:
+            mean = sum(self.expert_accuracy) / len(self.expert_accuracy)
+            experts = f"{mean:.2f} ({', '.join(f'{a:.1f}' for a in self.expert_accuracy)})"
+        return [self.label, self.method, self.plugins, self.preset, self.ipc, self.iterations,
+                accuracy, str(len(self.accuracies)), experts]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from baselines.harness.driver import DefaultsOnceFormatter
+    from baselines.harness.validation import OneLineParser
+    p = OneLineParser(prog="baselines/report.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsOnceFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="distillation run directories or coreset output directories")
+    p.add_argument("--out", default="report", help="where report.md, curves.png, grids.png go")
+    return p
+
+
+def _read_json(path: Path) -> dict:
+    from baselines.harness.runs import RunError
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "synthetic.pt").is_file()
+
+
+def _plugins(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(value) or "none"
+    return "-" if value is None else str(value)
+
+
+def _numbers(values) -> list[float]:
+    return [float(v) for v in values or [] if isinstance(v, (int, float))]
+
+
+def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
+    """Read one run directory (a distillation run or a coreset output)."""
+    from baselines.harness.plots import read_metrics
+    from baselines.harness.synset import load_synset
+    path = Path(path)
+    run = RunSummary(label=label or str(path), path=path)
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        run.iterations = str(config.get("iterations", "-"))
+        run.preset = str(config.get("preset", config.get("method", "-")))
+    else:  # a coreset output: its settings live in the synthetic set's meta
+        meta = load_synset(path / "synthetic.pt").meta
+        config = {**meta.get("config", {}), "method": meta.get("method"),
+                  "plugins": meta.get("plugins"), "ipc": meta.get("ipc")}
+    run.method = str(config.get("method", "-"))
+    run.plugins = _plugins(config.get("plugins"))
+    run.ipc = str(config.get("ipc", "-"))
+    run.expert_accuracy = _numbers(config.get("expert_test_accuracy"))
+    result = None
+    if (path / "results.json").is_file():
+        result = _read_json(path / "results.json")
+        run.expert_accuracy = _numbers(result.get("expert_test_accuracy")) or run.expert_accuracy
+    elif (path / "evaluation.json").is_file():
+        by_arch = _read_json(path / "evaluation.json").get("results", {})
+        if by_arch:
+            result = by_arch.get("convnet", next(iter(by_arch.values())))
+    if result is not None:
+        run.accuracies = _numbers(result.get("accuracies"))
+        run.accuracy_mean = result.get("accuracy_mean")
+        run.accuracy_std = result.get("accuracy_std")
+    run.metrics = read_metrics(path / "metrics.jsonl")
+    return run
+
+
+def markdown_table(runs: list[RunSummary]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i < 6 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(run.row()) + " |" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def render(runs: list[RunSummary], out: Path) -> list[Path]:
+    """Write report.md, curves.png and grids.png (grids only when some run has a grid.png)."""
+    from baselines.harness.plots import plot_curves, plot_grids
+    from dm_plugins.atomic import atomic_write_bytes
+    out.mkdir(parents=True, exist_ok=True)
+    text = ("# Run report\n\nAccuracy: final-epoch test accuracy (%) of the first evaluated "
+            "architecture, mean ± std over n evaluation runs; experts' accuracy: their test "
+            "accuracy (%), mean (each).\n\n" + markdown_table(runs))
+    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
+    written = [out / "report.md", out / "curves.png"]
+    plot_curves([(run.label, run.metrics) for run in runs], out / "curves.png")
+    grids = [(run.label, run.grid) for run in runs if run.grid.is_file()]
+    if grids:
+        plot_grids(grids, out / "grids.png")
+        written.append(out / "grids.png")
+    return written
+
+
+def labels(paths: list[str]) -> list[str]:
+    """Short names for the runs: each path relative to the runs' common parent (a lone run:
+    its directory name)."""
+    full = [os.path.abspath(p) for p in paths]
+    if len(full) == 1:
+        return [Path(full[0]).name]
+    common = os.path.commonpath(full)
+    return [os.path.relpath(p, common) if p != common else Path(p).name for p in full]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from baselines.harness.common import UsageError
+    from baselines.harness.errors import USER_ERRORS
+    try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a directory")
+        if _is_run(out):
+            raise UsageError(f"--out {out} is a run directory; choose another --out")
+        for name in args.runs:
+            if not _is_run(Path(name)):
+                raise UsageError(f"{name} is not a run directory (no config.json or "
+                                 f"synthetic.pt)")
+        runs = [summarize(name, label) for name, label in zip(args.runs, labels(args.runs))]
+        written = render(runs, out)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table(runs), end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""baselines/ablate.py: cells, resume, refusals, and one tiny real ablation on digits."""
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from baselines import ablate
+from baselines.harness.common import UsageError
+from dm_plugins import PluginError
+
+TINY = ["--ipc", "1", "--iterations", "2", "--batch-real", "8", "--eval-runs", "2",
+        "--eval-epochs", "1", "--num-experts", "1", "--expert-epochs", "1", "--device", "cpu",
+        "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DM_PLUGINS_EXPERTS", str(tmp_path / "experts"))
+
+
+def test_every_subset_in_a_fixed_order():
+    assert ablate.expand_subsets(["cap", "ptm", "plm"]) == [
+        [], ["cap"], ["ptm"], ["plm"], ["cap", "ptm"], ["cap", "plm"], ["ptm", "plm"],
+        ["cap", "ptm", "plm"]]
+    assert ablate.expand_subsets([]) == [[]]
+    assert [ablate.subset_name(s) for s in ablate.expand_subsets(["plm", "cap"])] == [
+        "none", "plm", "cap", "plm+cap"]
+
+
+def test_explicit_subsets_and_seeds():
+    assert ablate.parse_subsets("none;cap; cap,ptm ;PLM") == [[], ["cap"], ["cap", "ptm"],
+                                                              ["plm"]]
+    with pytest.raises(UsageError, match="empty entry"):
+        ablate.parse_subsets("none;;cap")
+    with pytest.raises(UsageError, match="twice"):
+        ablate.parse_subsets("cap,ptm;ptm,cap")
+    with pytest.raises(PluginError, match="bogus"):
+        ablate.parse_subsets("cap;bogus")
+    assert ablate.parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad, message in (("", "no seed"), ("0,x", "integers"), ("1,1", "twice")):
+        with pytest.raises(UsageError, match=message):
+            ablate.parse_seeds(bad)
+
+
+def _fake_runner(calls):
+    """A stand-in for run_cell: records the argv and writes the results a run would."""
+    def run_cell(method, argv, log_path, env):
+        calls.append(argv)
+        run_dir = argv[argv.index("--resume") + 1] if "--resume" in argv else \
+            argv[argv.index("--out") + 1]
+        seed = int(re.search(r"-s(\d+)$", run_dir).group(1))
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        accuracies = [50.0 + seed, 52.0 + seed]
+        (Path(run_dir) / "results.json").write_text(json.dumps({
+            "accuracy_mean": sum(accuracies) / 2, "accuracy_std": 1.0, "accuracies": accuracies,
+            "arch": "convnet", "per_arch": [{"arch": "convnet", "accuracies": accuracies}]}))
+        return 0
+    return run_cell
+
+
+def test_resume_reads_finished_cells_back_and_resumes_started_ones(tmp_path, monkeypatch,
+                                                                   capsys):
+    calls = []
+    monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
+    out = tmp_path / "abl"
+    argv = ["--method", "dm", "--plugins", "cap,plm", "--seeds", "0,1", "--out", str(out), *TINY]
+    assert ablate.main(argv) == 0
+    assert len(calls) == 8                                   # 4 subsets x 2 seeds
+    assert [c[c.index("--plugins") + 1] for c in calls[::2]] == ["none", "cap", "plm",
+                                                                 "cap,plm"]
+    assert all(c[c.index("--expert-seed") + 1] == "0" for c in calls)   # one pool
+    assert "8 cells" in capsys.readouterr().out
+
+    calls.clear()
+    assert ablate.main(argv) == 0                            # everything finished: nothing runs
+    assert calls == []
+    assert "8 of 8 cells already finished" in capsys.readouterr().out
+
+    # a cell with a run directory but no results continues with --resume; a missing one starts
+    (out / "cells" / "cap-s1" / "results.json").unlink()
+    (out / "cells" / "cap-s1" / "config.json").write_text("{}")
+    (out / "cells" / "plm-s0" / "results.json").unlink()
+    assert ablate.main(argv + ["--jobs", "2"]) == 0           # --jobs is not a setting
+    assert sorted(calls) == sorted([
+        ["--resume", str(out / "cells" / "cap-s1"), "--no-progress"],
+        [*TINY, "--expert-seed", "0", "--plugins", "plm", "--seed", "0",
+         "--out", str(out / "cells" / "plm-s0"), "--no-progress"]])
+
+    rows = list(csv.DictReader((out / "ablation.csv").open()))
+    assert len(rows) == 16 and rows[0] == {"subset": "none", "seed": "0", "arch": "convnet",
+                                           "eval_run": "0", "accuracy": "50.0",
+                                           "run_dir": "cells/none-s0"}
+    table = _md_table(out / "ablation.md")
+    assert table == [["none", "51.50 ± 1.12", "4"], ["cap", "51.50 ± 1.12", "4"],
+                     ["plm", "51.50 ± 1.12", "4"], ["cap+plm", "51.50 ± 1.12", "4"]]
+
+
+def test_with_jobs_the_first_cell_that_needs_experts_runs_alone_first(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
+    out = tmp_path / "abl"
+    assert ablate.main(["--method", "dm", "--subsets", "none;ptm;cap", "--seeds", "0,1",
+                        "--jobs", "3", "--out", str(out), *TINY]) == 0
+    assert calls[0][calls[0].index("--plugins") + 1] == "ptm"
+    assert len(calls) == 6
+
+
+def test_cells_get_threads_split_by_jobs_unless_set(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 8)
+    env = ablate.cell_env(4)
+    assert env["OMP_NUM_THREADS"] == "2" and env["MKL_NUM_THREADS"] == "1"
+    assert ablate.cell_env(16)["OMP_NUM_THREADS"] == "1"
+
+
+def _one_line_error(capsys, argv, *fragments):
+    try:
+        code = ablate.main(argv)
+    except SystemExit as exc:                    # the runner's own parser (argparse) exits
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
+    out = tmp_path / "abl"
+    base = ["--out", str(out), *TINY]
+    _one_line_error(capsys, ["--method", "dm", "--plugins", "cap,bogus", *base], "bogus")
+    _one_line_error(capsys, ["--method", "sgd", *base], "--method", "sgd")
+    _one_line_error(capsys, ["--method", "dm", "--seeds", "", *base], "--seeds")
+    _one_line_error(capsys, ["--method", "dm", "--jobs", "0", *base], "--jobs")
+    _one_line_error(capsys, ["--method", "dm", *base, "--seed", "3"], "--seed", "--seeds")
+    _one_line_error(capsys, ["--method", "dm", *base, "--resume", str(tmp_path)], "--resume")
+    _one_line_error(capsys, ["--method", "dm", *base, "--bogus-flag", "1"], "--bogus-flag")
+    _one_line_error(capsys, ["--method", "dm", *base, "--eval-runs", "0"], "--eval-runs")
+    _one_line_error(capsys, ["--method", "dm", *base, "--iterations", "0"], "--iterations")
+    assert not out.exists() and calls == []
+
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _one_line_error(capsys, ["--method", "dm", *base], "not an ablation directory")
+    (out / "notes.txt").unlink()
+    assert ablate.main(["--method", "dm", "--subsets", "none", *base]) == 0
+    _one_line_error(capsys, ["--method", "dm", "--subsets", "none;cap", *base],
+                    "other settings", "subsets")
+    _one_line_error(capsys, ["--method", "idm", "--subsets", "none", *base], "method")
+    _one_line_error(capsys, ["--method", "dm", "--subsets", "none", *base, "--lr-img", "2"],
+                    "args")
+    assert len(calls) == 1
+
+
+def _md_table(path):
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header, separator, *rows = [[c.strip() for c in line.strip("|").split("|")]
+                                for line in lines]
+    assert header[0] == "plugins" and header[1:] == ["convnet accuracy (%)", "n"]
+    assert all(re.fullmatch(r"-+:?", c) for c in separator)
+    return rows
+
+
+def test_a_tiny_real_ablation_on_digits(tmp_path, capsys):
+    """Two cells, each a real baselines/dm.py subprocess (seconds each)."""
+    out = tmp_path / "abl"
+    assert ablate.main(["--method", "dm", "--subsets", "none;cap", "--seeds", "0",
+                        "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "start none-s0" in printed and "finished cap-s0" in printed
+    for cell in ("none-s0", "cap-s0"):
+        results = json.loads((out / "cells" / cell / "results.json").read_text())
+        assert results["plugins"] == ([] if cell == "none-s0" else ["cap"])
+        assert len(results["accuracies"]) == 2
+        assert (out / "cells" / cell / "curves.png").stat().st_size > 0
+    rows = _md_table(out / "ablation.md")
+    assert [r[0] for r in rows] == ["none", "cap"]
+    for subset, cell, n in rows:
+        mean, std = map(float, cell.split(" ± "))
+        assert 0 <= mean <= 100 and std >= 0 and n == "2"
+    assert len(list(csv.DictReader((out / "ablation.csv").open()))) == 4
+    from PIL import Image
+    with Image.open(out / "ablation.png") as image:
+        assert image.size[0] > 0
+    recorded = json.loads((out / "ablation.json").read_text())
+    assert recorded["settings"]["subsets"] == ["none", "cap"]
+
+
+def test_expert_seed_shares_one_pool_across_run_seeds(tmp_path, monkeypatch, random_experts):
+    """--expert-seed keys the pool (cache entry, training); the per-iteration pick keeps the
+    run's own seed. Without it the pool's seed is the run seed, as before."""
+    from baselines import dm
+    from baselines.harness import expert_cache
+    from dm_plugins import PluginSet
+    stand_in, pool_seeds, pick_seeds = expert_cache.load_or_train_experts, [], []
+
+    def load(*args, seed, **kwargs):
+        pool_seeds.append(seed)
+        return stand_in(*args, seed=seed, **kwargs)
+    original = PluginSet.from_names
+
+    def from_names(names, experts=None, **kwargs):
+        pick_seeds.append(experts.seed)
+        return original(names, experts=experts, **kwargs)
+    monkeypatch.setattr(expert_cache, "load_or_train_experts", load)
+    monkeypatch.setattr(PluginSet, "from_names", staticmethod(from_names))
+    argv = TINY + ["--plugins", "ptm", "--eval-runs", "0", "--no-progress"]
+    assert dm.main(argv + ["--seed", "1", "--expert-seed", "0", "--out", str(tmp_path / "a")]) == 0
+    assert dm.main(argv + ["--seed", "2", "--out", str(tmp_path / "b")]) == 0
+    assert pool_seeds == [0, 2] and pick_seeds == [1, 2]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["expert_seed"] == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["expert_seed"] == 2
