@@ -37,9 +37,19 @@ def test_dance_augmentation_draws_per_image(toy_dataset):
 
 
 def test_cache_key_names_the_recipe():
-    assert expert_cache.cache_key("cifar10", "convnet", 60, 0) == "cifar10-convnet-e60-s0"
+    # ptlm's directories predate recipe names; the default (dance) is suffixed like any other
+    assert expert_cache.cache_key("cifar10", "convnet", 60, 0, "ptlm") == "cifar10-convnet-e60-s0"
     assert expert_cache.cache_key("cifar10", "convnet", 60, 0, "dance") == \
         "cifar10-convnet-e60-s0-dance"
+    assert expert_cache.cache_key("cifar10", "convnet", 60, 0) == "cifar10-convnet-e60-s0-dance"
+
+
+def test_every_cli_defaults_to_the_measured_recipe():
+    from baselines.harness.driver import build_parser
+    from baselines import dance, dm, idm
+    assert expert_cache.DEFAULT_RECIPE == "dance"
+    for module in (dm, idm, dance):
+        assert build_parser(module.SPEC).parse_args([]).expert_recipe == "dance"
 
 
 def test_the_recipe_reaches_the_training_loop(toy_dataset, tmp_path, monkeypatch, tiny_factory):
