@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--syn-chunk", type=int, default=None,
                    help="synthetic-forward chunk of the DM host variants and PLM (activation "
                         "checkpointing; default: the device's, off)")
+    p.add_argument("--eval-speed", type=int, default=None, metavar="EPOCHS",
+                   help="time the evaluation instead (training a fresh network on an IPC-10, "
+                        "factor-2 set: 400 images) for EPOCHS epochs, default vs channels-last")
     p.add_argument("--chunk-sweep", default=None,
                    help="comma list of real-forward chunk sizes to time instead of the variants")
     return p
@@ -226,6 +229,39 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
     return results
 
 
+def eval_speed(epochs, data, factory, args, device):
+    """Epochs per second of the evaluation protocol's training (DM protocol: SGD, batch 256,
+    per-image DSA) on an IPC-10 factor-2 set decoded to 400 images, in the default memory
+    format and channels-last, alternating (median over ``--repeats``)."""
+    from baselines.harness.common import initial_synthetic
+    from baselines.harness.dsa import DSA
+    from baselines.harness.factorization import decode
+    from dm_plugins.training import train_classifier
+    stored = initial_synthetic(data, 10, 2, "real", args.seed)
+    labels = torch.arange(data.num_classes).repeat_interleave(10)
+    images, labels = decode(stored, labels, factor=2)
+    dsa = DSA(flip=not data.is_digit_like)
+    times = {False: [], True: []}
+    for r in range(args.warmup + args.repeats):
+        for channels_last in (False, True):
+            torch.manual_seed(r)
+            net = factory()
+            start = time.perf_counter()
+            train_classifier(net, images, labels, epochs=epochs, batch_size=256,
+                             augment=dsa.per_image, generator=torch.Generator().manual_seed(r),
+                             device=device, progress=False, channels_last=channels_last)
+            sync(device)
+            if r >= args.warmup:
+                times[channels_last].append(time.perf_counter() - start)
+    print(f"evaluation training on {images.shape[0]} images ({tuple(images.shape[1:])}), "
+          f"{epochs} epochs, device {device}, threads {torch.get_num_threads()}:")
+    for channels_last, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {'channels-last' if channels_last else 'default format'}: {epochs / med:.2f} "
+              f"epochs/s ({med / epochs:.3f} s/epoch)")
+    return times
+
+
 def chunk_sweep(chunks, data, factory, args, device):
     """Median seconds of the no-graph real forward of ``batch_real`` images per class (DSA'd
     once, channels-last, one random extractor) at each chunk size, timed round-robin."""
@@ -280,6 +316,9 @@ def main(argv=None) -> int:
         extra = {} if args.width is None else {"width": args.width}
         return get_network(args.arch, data.channels, data.num_classes, data.image_size, **extra)
 
+    if args.eval_speed:
+        eval_speed(args.eval_speed, data, factory, args, device)
+        return 0
     if args.chunk_sweep:
         chunk_sweep([int(c) for c in args.chunk_sweep.split(",")], data, factory, args, device)
         return 0
