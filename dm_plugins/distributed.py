@@ -15,7 +15,9 @@ The contract a class-sharded host keeps (:class:`dm_plugins.DMHost` with ``shard
   ranks (:meth:`ClassShard.sum`).
 
 So K processes produce the single-process synthetic set up to float rounding (the real forward
-runs over fewer images per call; the per-image numbers are those of the single process).
+runs over fewer images per call; the per-image numbers are those of the single process),
+provided the network treats the images of a batch independently (no BatchNorm in training mode;
+a sharded :class:`dm_plugins.DMHost` refuses one that does not).
 
 Process groups: :func:`init_process_group` reads torchrun's environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and picks the backend from the

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .chunking import (checkpointed_forward, chunk_for, chunked_class_means, chunked_features,
-                       default_real_chunk, default_syn_chunk)
+from .chunking import (batch_independent, checkpointed_forward, chunk_for, chunked_class_means,
+                       chunked_features, default_real_chunk, default_syn_chunk)
 from .context import DistillContext
 from .experts import build_network
 from .data import ClassIndexedData
@@ -132,6 +132,9 @@ class DMHost:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.extractor = build_network(network_factory).to(self.device).train().requires_grad_(False)
         self.extractor.to(memory_format=self.memory_format)
+        if shard is not None and not batch_independent(self.extractor):
+            raise ValueError("DMHost: a class-sharded host needs a network whose forward treats "
+                             "images independently (no BatchNorm in training mode)")
         self.compile_real = bool(compile_real)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)

@@ -163,14 +163,20 @@ def test_resume_needs_the_same_number_of_processes(capsys, tmp_path):
                     "distilled by 2 process(es)", "torchrun --nproc-per-node 2")
 
 
-def test_more_processes_than_classes_is_refused():
+def test_more_processes_than_classes_or_a_batchnorm_network_is_refused(toy):
     from baselines.harness.common import UsageError
-    from baselines.harness.driver import _check_processes
     from baselines.harness.datasets import load_dataset
+    from baselines.harness.driver import _check_processes
     digits = load_dataset("digits")
-    _check_processes(World(0, 10), digits)
+    _check_processes(World(0, 10), digits, "convnet")
+    _check_processes(World(0, 1), digits, "resnet10")               # one process: anything
     with pytest.raises(UsageError, match="11 processes for 10 classes"):
-        _check_processes(World(0, 11), digits)
+        _check_processes(World(0, 11), digits, "convnet")
+    with pytest.raises(UsageError, match="BatchNorm"):
+        _check_processes(World(0, 2), digits, "resnet10")
+    bn = lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(1))  # noqa: E731
+    with pytest.raises(ValueError, match="BatchNorm"):
+        DMHost(toy, bn, toy.images[:4], num_iterations=1, shard=ClassShard(3, 0, 2))
 
 
 def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_shared(

@@ -548,13 +548,13 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         dataset = distributed.main_first(world, lambda: load_dataset(
             canonical_dataset_name(config["dataset"]), config["data_path"]), USER_ERRORS)
         check_config(config, spec.checks, image_size=dataset.image_size)
-        _check_processes(world, dataset)
+        _check_processes(world, dataset, config["arch"])
     else:
         if sharded:
             device = distributed.init_process_group(world, resolve_device(args.device))
         dataset, config = distributed.main_first(
             world, lambda: new_run_config(spec, args, explicit), USER_ERRORS)
-        _check_processes(world, dataset)
+        _check_processes(world, dataset, config["arch"])
         config["world_size"] = world.world_size
 
         def create() -> str:  # rank 0 only; the others get its path
@@ -724,13 +724,25 @@ def _common_checkpoint(states: dict[int, dict], world, run_dir) -> dict | None:
     return states[max(common)]
 
 
-def _check_processes(world, dataset) -> None:
-    """A UsageError when more processes were launched than the dataset has classes."""
+def _check_processes(world, dataset, arch: str) -> None:
+    """A UsageError, for a run of several processes, when there are more processes than
+    classes, or when ``arch`` couples the images of a batch (BatchNorm in training mode: each
+    process's batch statistics would differ from one process's)."""
+    from dm_plugins.chunking import batch_independent
+
     from .common import UsageError
+    from .networks import get_network
+    if not world.distributed:
+        return
     if world.world_size > dataset.num_classes:
         raise UsageError(f"{world.world_size} processes for {dataset.num_classes} classes: each "
                          f"process needs at least one class; use at most "
                          f"{dataset.num_classes} processes")
+    if not batch_independent(get_network(arch, dataset.channels, dataset.num_classes,
+                                         dataset.image_size).train()):
+        raise UsageError(f"--arch {arch} has BatchNorm, whose batch statistics would mix the "
+                         f"classes each process holds, so several processes would not compute "
+                         f"what one does; use a ConvNet (instance norm) or one process")
 
 
 def write_curves(run_dir, log: Callable[[str], None]) -> None:
