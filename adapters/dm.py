@@ -19,6 +19,7 @@ from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
 from dm_plugins import ClassIndexedTensors, DMHost, PluginSet
+from dm_plugins.distributed import ClassShard, ShardedClassData
 
 
 def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
@@ -26,20 +27,28 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   batch_real: int, lr: float, momentum: float, factor: int, seed: int,
                   device: torch.device, dsa: bool = True, channels_last: bool = False,
                   compile_real: bool = False, real_chunk: int | None = None,
-                  syn_chunk: int | None = None, stage_timer=None) -> DMHost:
+                  syn_chunk: int | None = None, stage_timer=None,
+                  shard: ClassShard | None = None) -> DMHost:
     """A :class:`DMHost` over ``dataset.train`` (moved to ``device`` once, up front).
 
     ``syn_init`` are the stored images (normalised, sorted by class), factorised when
     ``factor > 1``. ``real_chunk``, ``syn_chunk`` and ``stage_timer`` go to :class:`DMHost`
-    (None: the device's default chunks; no timing).
+    (None: the device's default chunks; no timing). ``shard``: optimise only the shard's
+    classes (``syn_init`` holds only theirs; ``dataset.train`` may hold only their images, a
+    :class:`dm_plugins.distributed.ShardedClassData`, else it is restricted here).
     """
     real = dataset.train
+    if shard is not None and not isinstance(real, ShardedClassData):
+        real = ShardedClassData.restrict(real, shard.classes)
     if device.type != "cpu":
-        real = ClassIndexedTensors(real.images.to(device), real.labels.to(device),
-                                   real.num_classes)
+        real = (real.to(device) if isinstance(real, ShardedClassData) else
+                ClassIndexedTensors(real.images.to(device), real.labels.to(device),
+                                    real.num_classes))
     augment = DSA(flip=not dataset.is_digit_like).siamese if dsa else None
     return DMHost(real, network_factory, syn_init, num_iterations=iterations, plugins=plugins,
                   augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,
                   batch_real=batch_real, lr=lr, momentum=momentum, seed=seed, device=device,
                   channels_last=channels_last, compile_real=compile_real,
-                  real_chunk=real_chunk, syn_chunk=syn_chunk, stage_timer=stage_timer, extra={"method": "dm", "dataset": dataset.name, "factor": factor})
+                  real_chunk=real_chunk, syn_chunk=syn_chunk, stage_timer=stage_timer,
+                  extra={"method": "dm", "dataset": dataset.name, "factor": factor},
+                  shard=shard)

@@ -4,7 +4,8 @@
 This file holds only what is DM's own: its defaults, the ``ptlm`` preset and how a DM host is
 built (``adapters/dm.py``). The run driver (``baselines/harness/driver.py``) does the rest:
 the shared command line, run directory and resume, experts, plugins, checkpoints, metrics,
-saving and evaluation.
+saving and evaluation. ``torchrun --nproc-per-node K baselines/dm.py ...`` shards the classes
+over K processes (``dm_plugins/distributed.py``; README "More than one process, GPU or machine").
 """
 from __future__ import annotations
 
@@ -50,15 +51,17 @@ PRESETS = {
 }
 
 
-def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last):
-    """A :class:`dm_plugins.DMHost` for DM through ``adapters/dm.py``."""
+def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last,
+               shard=None):
+    """A :class:`dm_plugins.DMHost` for DM through ``adapters/dm.py`` (``shard``: this
+    process's classes in a run of several processes, see ``dm_plugins/distributed.py``)."""
     from adapters.dm import build_dm_host
     return build_dm_host(dataset, network_factory, syn_init, plugins=plugins,
                          iterations=config["iterations"], batch_real=config["batch_real"],
                          lr=config["lr_img"], momentum=config["momentum"],
                          factor=config["factor"], seed=config["seed"], device=device,
                          dsa=config["dsa"], compile_real=config["compile"],
-                         channels_last=channels_last)
+                         channels_last=channels_last, shard=shard)
 
 
 SPEC = MethodSpec(
@@ -68,7 +71,7 @@ SPEC = MethodSpec(
                 "Defaults come from the method (the DM paper) or from --preset ptlm, never from "
                 "which plugins are on. On the embedded 'digits' set some defaults are smaller "
                 "so a run takes minutes on a CPU; those are marked [embedded].",
-    defaults=DEFAULTS, build_host=build_host, presets=PRESETS)
+    defaults=DEFAULTS, build_host=build_host, presets=PRESETS, shards_classes=True)
 
 
 def build_parser():

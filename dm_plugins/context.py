@@ -30,6 +30,9 @@ class DistillContext:
         memory_format: the loop's memory format for images and networks.
         seed: the run seed (plugins derive their random draws from it).
         extra: free-form host information (method name, dataset name, ...).
+        classes: the classes this host optimises when it holds only some (a class-sharded run,
+            :mod:`dm_plugins.distributed`): the synthetic images a plugin sees are theirs, and
+            ``real`` may hold only their images (it still draws for every class). None: all.
     """
 
     num_classes: int
@@ -41,6 +44,7 @@ class DistillContext:
     memory_format: torch.memory_format = torch.contiguous_format
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    classes: list[int] | None = None
 
     def __post_init__(self):
         for name in ("num_classes", "ipc", "num_iterations"):

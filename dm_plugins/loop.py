@@ -21,11 +21,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .chunking import (checkpointed_forward, chunk_for, chunked_class_means, chunked_features,
-                       default_real_chunk, default_syn_chunk)
+from .chunking import (batch_independent, checkpointed_forward, chunk_for, chunked_class_means,
+                       chunked_features, default_real_chunk, default_syn_chunk)
 from .context import DistillContext
 from .experts import build_network
 from .data import ClassIndexedData
+from .distributed import ClassShard
 from .manager import PluginSet
 from .profiling import StageTimer
 from .seeding import derive_seed, make_generator, reinitialize_
@@ -37,10 +38,13 @@ except ImportError:  # pragma: no cover
 
 _NET_STREAM, _REAL_STREAM, _AUG_STREAM = 0x4E, 0x5E, 0xA6
 
-Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+Augment = Callable[..., torch.Tensor]
 """``augment(images, groups, generator)``: Siamese augmentation, one parameter draw per group
 id (0..G-1); the draws must depend only on the generator state and the group ids present, not
-on how many images each group has (the DSA in ``baselines/harness/dsa.py`` satisfies this)."""
+on how many images each group has (the DSA in ``baselines/harness/dsa.py`` satisfies this).
+A class-sharded host (``shard=``) calls ``augment(images, groups, generator, num_groups=C)``:
+the draws must then be made for all C groups and picked by group id, so that a class gets the
+same draw whichever other classes the process holds (``DSA.siamese`` accepts ``num_groups``)."""
 
 Decode = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``decode(stored, labels) -> (images, labels)``: e.g. factorisation; identity when None."""
@@ -85,6 +89,12 @@ class DMHost:
             :func:`dm_plugins.chunking.default_syn_chunk` (off). Same result.
         stage_timer: a :class:`dm_plugins.profiling.StageTimer` to time the stages of each
             iteration (benchmarks); None times nothing and adds no synchronisation.
+        shard: a :class:`dm_plugins.distributed.ClassShard`: this host optimises only the
+            shard's classes (``syn_init`` then holds only their images, sorted by class) and
+            keeps the single-process random draws of every iteration (module
+            :mod:`dm_plugins.distributed` states the contract); the logged losses and
+            ``real_kept`` are summed over the ranks. ``real`` may hold every class or only the
+            shard's (:class:`dm_plugins.distributed.ShardedClassData`). None: all classes.
     """
 
     def __init__(self, real: ClassIndexedData, network_factory: Callable[[], nn.Module],
@@ -93,13 +103,19 @@ class DMHost:
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  compile_real: bool = False, real_chunk: int | None = None,
-                 syn_chunk: int | None = None, stage_timer: StageTimer | None = None, extra: dict | None = None):
+                 syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
+                 extra: dict | None = None, shard: ClassShard | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
         self.device = torch.device(device)
         real_chunk = default_real_chunk(self.device) if real_chunk is None else real_chunk
         syn_chunk = default_syn_chunk(self.device) if syn_chunk is None else syn_chunk
-        self.ipc = check_host_args("DMHost", syn_init, self.num_classes, positive={
+        if shard is not None and shard.num_classes != self.num_classes:
+            raise ValueError(f"DMHost: the shard splits {shard.num_classes} classes, the real "
+                             f"data has {self.num_classes}")
+        self.shard = shard
+        self.classes = shard.classes if shard is not None else range(self.num_classes)
+        self.ipc = check_host_args("DMHost", syn_init, len(self.classes), positive={
             "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk,
             "syn_chunk": syn_chunk})
         self.num_iterations = int(num_iterations)
@@ -110,11 +126,15 @@ class DMHost:
         self.seed = int(seed)
         self.extra = dict(extra or {})
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
-        self.syn_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
+        self.syn_labels = torch.arange(self.classes.start, self.classes.stop,
+                                       device=self.device).repeat_interleave(self.ipc)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.extractor = build_network(network_factory).to(self.device).train().requires_grad_(False)
         self.extractor.to(memory_format=self.memory_format)
+        if shard is not None and not batch_independent(self.extractor):
+            raise ValueError("DMHost: a class-sharded host needs a network whose forward treats "
+                             "images independently (no BatchNorm in training mode)")
         self.compile_real = bool(compile_real)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
@@ -141,11 +161,14 @@ class DMHost:
         return self._compiled[net]
 
     def real_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All classes' real batches of iteration t, concatenated, and their labels."""
+        """The real batches of iteration t of the host's classes, concatenated, and their
+        labels. Every class's batch is drawn, in class order from one generator, so a sharded
+        host's classes get the single-process batches; the others are dropped."""
         g = make_generator(self.seed, _REAL_STREAM, t)
         batches = [self.real.sample(c, self.batch_real, g) for c in range(self.num_classes)]
+        batches = batches[self.classes.start:self.classes.stop]
         labels = torch.cat([torch.full((b.shape[0],), c, dtype=torch.long)
-                            for c, b in enumerate(batches)])
+                            for c, b in zip(self.classes, batches)])
         return torch.cat(batches).to(self.device), labels.to(self.device)
 
     def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +179,9 @@ class DMHost:
 
     def _augment(self, x: torch.Tensor, groups: torch.Tensor, t: int) -> torch.Tensor:
         if self.augment is not None:
-            x = self.augment(x, groups, make_generator(self.seed, _AUG_STREAM, t))
+            g = make_generator(self.seed, _AUG_STREAM, t)
+            x = (self.augment(x, groups, g) if self.shard is None else
+                 self.augment(x, groups, g, num_groups=self.num_classes))
         return x.contiguous(memory_format=self.memory_format)
 
     def compute_loss(self, t: int) -> tuple[torch.Tensor, dict]:
@@ -196,6 +221,14 @@ class DMHost:
         with stage("auxiliary_losses"):
             parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t)
         total = match + sum(parts.values()) if parts else match
+        if self.shard is not None:  # every rank gets the sums over all classes
+            values = self.shard.sum([float(total.detach()), float(match.detach()),
+                                     *(float(v.detach()) for v in parts.values()),
+                                     kept.numel(), real_labels.numel()])
+            metrics = {"loss": values[0], "loss_match": values[1],
+                       **{f"loss_{name}": v for name, v in zip(parts, values[2:])},
+                       "real_kept": values[-2] / max(values[-1], 1)}
+            return total, metrics
         metrics = {"loss": float(total.detach()), "loss_match": float(match.detach()),
                    **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
                    "real_kept": kept.numel() / max(real_labels.numel(), 1)}
@@ -223,7 +256,8 @@ class DMHost:
                               num_iterations=self.num_iterations, real=self.real,
                               extractor=self.extractor, device=self.device,
                               memory_format=self.memory_format, seed=self.seed,
-                              extra=self.extra)
+                              extra=self.extra,
+                              classes=None if self.shard is None else list(self.classes))
 
     def _ensure_setup(self) -> None:
         if not self._set_up:
@@ -246,11 +280,20 @@ class DMHost:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume: next iteration, stored images, optimiser state."""
-        return {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
-                "optimizer": self.optimizer.state_dict()}
+        """Everything needed to resume: next iteration, stored images, optimiser state (and,
+        for a sharded host, its classes ``[first, last + 1]``)."""
+        state = {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
+                 "optimizer": self.optimizer.state_dict()}
+        if self.shard is not None:
+            state["classes"] = [self.classes.start, self.classes.stop]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; a state of other classes (another shard) is refused."""
+        mine = None if self.shard is None else [self.classes.start, self.classes.stop]
+        if state.get("classes") != mine:
+            raise ValueError(f"the state holds classes {state.get('classes', 'all')}, this host "
+                             f"{mine or 'all'}")
         restore_synthetic(self, state)
 
 

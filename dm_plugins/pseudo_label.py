@@ -57,8 +57,8 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch
 def compute_pseudo_labels(network: torch.nn.Module, real, num_classes: int, tau: float,
                           max_per_class: int, generator: torch.Generator,
                           device: str | torch.device = "cpu", batch_size: int = 128,
-                          memory_format: torch.memory_format = torch.contiguous_format
-                          ) -> torch.Tensor:
+                          memory_format: torch.memory_format = torch.contiguous_format,
+                          classes=None) -> torch.Tensor:
     """Eq. 7-8 for every class: (K, K) sharpened pseudo-labels of a frozen expert.
 
     Args:
@@ -66,10 +66,17 @@ def compute_pseudo_labels(network: torch.nn.Module, real, num_classes: int, tau:
         max_per_class: how many real images of each class the expert looks at (all of them
             when a class has fewer).
         batch_size: images per forward; bounds memory, does not change the result.
+        classes: compute only these classes' rows (a class-sharded run); the others are the
+            one-hot rows of their labels, never used there. Every class's images are still
+            drawn, in class order, so the rows computed equal those of a full computation.
     """
+    wanted = None if classes is None else set(classes)
     rows = []
     for c in range(num_classes):
         images = real.sample(c, max_per_class, generator)
+        if wanted is not None and c not in wanted:
+            rows.append(F.one_hot(torch.tensor(c), num_classes).float().to(device))
+            continue
         probs = torch.cat([
             F.softmax(network(chunk.to(device).contiguous(memory_format=memory_format)), dim=1)
             for chunk in images.split(batch_size)])
@@ -131,7 +138,8 @@ class PseudoLabelMatching:
         real = context.require("real", "plm", "real images to compute the pseudo-labels from")
         self.context, self.targets = context, {}
         network = self.experts.trained_network(0, context.device, context.memory_format)
-        probe = real.sample(0, 1, make_generator(0)).to(context.device)
+        first = 0 if context.classes is None else context.classes[0]  # a class real holds
+        probe = real.sample(first, 1, make_generator(0)).to(context.device)
         with torch.inference_mode():
             logits_dim = network(probe.contiguous(memory_format=context.memory_format)).shape[1]
         if logits_dim != context.num_classes:
@@ -151,7 +159,7 @@ class PseudoLabelMatching:
                 self.experts.trained_network(k, ctx.device, ctx.memory_format), ctx.real,
                 ctx.num_classes, self.tau, self.max_real_per_class,
                 make_generator(ctx.seed, _SAMPLE_STREAM, k), ctx.device,
-                memory_format=ctx.memory_format)
+                memory_format=ctx.memory_format, classes=ctx.classes)
         return self.targets[k]
 
     @hookimpl

@@ -68,26 +68,28 @@ def pool(toy, tiny_factory):
                             meta={"arch": "tiny", "num_classes": 3, "dataset": "toy"})
 
 
-@pytest.fixture()
-def random_experts(monkeypatch):
-    """Random stand-ins for trained experts: the CLI's wiring does not depend on how well the
-    experts were trained, and training them would dominate the test's time."""
-    from baselines.harness import expert_cache
+def random_stand_in_experts(dataset, arch, *, num_experts, seed, **_):
+    """What ``load_or_train_experts`` returns, made of random networks (seeded, no training)."""
     from baselines.harness.networks import get_network
     from dm_plugins import Expert, ExpertPool
     from dm_plugins.experts import build_network
     from dm_plugins.seeding import reinitialize_
 
-    def stand_in(dataset, arch, *, num_experts, seed, **_):
-        def factory():
-            return get_network(arch, dataset.channels, dataset.num_classes, dataset.image_size)
-        states = [{n: v.clone() for n, v in reinitialize_(build_network(factory), s)
-                   .state_dict().items()} for s in range(2 * num_experts)]
-        experts = [Expert(states[2 * k], states[2 * k + 1], {"note": "random stand-in"})
-                   for k in range(num_experts)]
-        return ExpertPool(experts, factory, seed=seed), None
+    def factory():
+        return get_network(arch, dataset.channels, dataset.num_classes, dataset.image_size)
+    states = [{n: v.clone() for n, v in reinitialize_(build_network(factory), s)
+               .state_dict().items()} for s in range(2 * num_experts)]
+    experts = [Expert(states[2 * k], states[2 * k + 1], {"note": "random stand-in"})
+               for k in range(num_experts)]
+    return ExpertPool(experts, factory, seed=seed), None
 
-    monkeypatch.setattr(expert_cache, "load_or_train_experts", stand_in)
+
+@pytest.fixture()
+def random_experts(monkeypatch):
+    """Random stand-ins for trained experts: the CLI's wiring does not depend on how well the
+    experts were trained, and training them would dominate the test's time."""
+    from baselines.harness import expert_cache
+    monkeypatch.setattr(expert_cache, "load_or_train_experts", random_stand_in_experts)
 
 
 def count_calls(monkeypatch, cls, method: str, calls: dict, key: str) -> None:

@@ -10,7 +10,7 @@ from dm_plugins.seeding import make_generator
 
 from .datasets import Dataset
 from .dsa import DSA
-from .evaluation import evaluate_synset
+from .evaluation import evaluate_synset, resolve_protocol, summarize_accuracies
 from .factorization import decode, mosaic_init
 from .synset import save_grid, save_synset
 
@@ -90,24 +90,50 @@ def save_synthetic(run_dir, dataset: Dataset, stored: torch.Tensor, *, ipc: int,
 def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor: int,
                     archs: list[str], runs: int, epochs: int, protocol: str, seed: int,
                     device: torch.device, progress: bool, channels_last: bool = False,
-                    log: Callable[[str], None] = print) -> list[dict]:
+                    log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+                    gather: Callable[[object], list] | None = None) -> list[dict]:
     """Evaluate the stored synthetic images (normalised) on every architecture.
 
     The images are clamped to the valid pixel range first, exactly as they are saved, so the
     accuracy reported is the accuracy of the file on disk.
+
+    Spread over processes (``world_size > 1``): the ``archs x runs`` evaluation runs are dealt
+    round-robin, rank ``rank`` training every ``world_size``-th; ``gather(obj)`` must return
+    every rank's ``obj`` in rank order (e.g. :func:`dm_plugins.distributed.all_gather_object`).
+    Each run is seeded by its own index, so every rank returns exactly the results of one
+    process running them all.
     """
     labels = synthetic_labels(dataset.num_classes, ipc)
     images = dataset.normalize(dataset.denormalize(stored.detach().cpu()).clamp(0, 1))
     if factor > 1:
         images, labels = decode(images, labels, factor)
-    results = []
-    for arch in archs:
-        res = evaluate_synset(
+
+    def evaluate(arch: str, run_indices=None) -> dict:
+        return evaluate_synset(
             images, labels, dataset.test.images, dataset.test.labels, arch, runs=runs,
             protocol=protocol, epochs=epochs, seed=seed, device=device,
             augment=DSA(flip=not dataset.is_digit_like), progress=progress,
             num_classes=dataset.num_classes, channels=dataset.channels,
-            image_size=dataset.image_size, channels_last=channels_last)
+            image_size=dataset.image_size, channels_last=channels_last,
+            run_indices=run_indices)
+
+    if world_size > 1:
+        if gather is None:
+            raise ValueError("evaluate_stored: world_size > 1 needs gather")
+        mine = [(k, i) for k in range(len(archs)) for i in range(runs)][rank::world_size]
+        done = []
+        for k, arch in enumerate(archs):
+            indices = [i for a, i in mine if a == k]
+            if indices:
+                accuracies = evaluate(arch, indices)["accuracies"]
+                done += [(k, i, acc) for i, acc in zip(indices, accuracies)]
+        everything = sorted(x for part in gather(done) for x in part)
+        proto = resolve_protocol(protocol, epochs)
+        per_arch = [summarize_accuracies([acc for a, _, acc in everything if a == k], proto, runs)
+                    for k in range(len(archs))]
+    results = []
+    for k, arch in enumerate(archs):
+        res = per_arch[k] if world_size > 1 else evaluate(arch)
         res["arch"] = arch
         log(f"evaluation {arch}: {res['accuracy_mean']:.2f} +- {res['accuracy_std']:.2f} "
             f"over {runs} runs ({protocol} protocol, {res['epochs']} epochs, last epoch)")

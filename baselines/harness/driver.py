@@ -13,7 +13,9 @@ turns the resolved settings into a host (the object that runs the distillation l
 * the :class:`dm_plugins.PluginSet`, checkpoints, ``metrics.jsonl``, ``run.log``;
 * ``synthetic.pt`` / ``grid.png``, the evaluation and ``results.json``;
 * errors: one line ``error: ...`` and exit code 2 for user errors, exit code 130 on Ctrl-C
-  (the last checkpoint is kept).
+  (the last checkpoint is kept);
+* several processes (``torchrun --nproc-per-node K``, methods whose spec ``shards_classes``):
+  classes sharded over the ranks, rank 0 writing the run directory (see :func:`run`).
 
 The host contract the driver relies on (see :class:`Host`): ``host.run(callback=fn,
 progress=bool)`` runs from ``host.iteration`` to the end calling ``fn(t, metrics)`` after each
@@ -23,6 +25,7 @@ iteration and returns the stored synthetic images; ``host.state_dict()`` /
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -75,7 +78,8 @@ class Host(Protocol):
 
 BuildHost = Callable[..., Host]
 """``build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last)``
-(plus ``experts=`` when the method's spec says ``needs_experts``): ``syn_init`` are the stored
+(plus ``experts=`` when the method's spec says ``needs_experts``, and ``shard=`` in a run of
+several processes when it says ``shards_classes``): ``syn_init`` are the stored
 synthetic images (normalised, sorted by class, factorised when ``config["factor"] > 1``);
 ``config`` is the resolved config (config.json). The host's ``run`` returns the stored images
 normalised, or in pixel space when the host has ``stores_pixels = True``."""
@@ -122,6 +126,11 @@ class MethodSpec:
         checks: the method's own settings' rules, config key -> a rule name of
             :data:`baselines.harness.validation.RULES` (``"positive"``, ``"nonnegative"``,
             ...), checked with the shared ones before anything is written.
+        shards_classes: the host can run class-sharded (``torchrun --nproc-per-node K``):
+            ``build_host`` then gets the keyword ``shard`` (a
+            :class:`dm_plugins.distributed.ClassShard`), ``syn_init`` holds only the shard's
+            classes and ``dataset.train`` only their images (see :func:`run`). False: a launch
+            of more than one process is refused before any work.
     """
 
     name: str
@@ -134,6 +143,7 @@ class MethodSpec:
     prog: str | None = None
     needs_experts: bool = False
     checks: Mapping[str, str] = field(default_factory=dict)
+    shards_classes: bool = False
 
     def __post_init__(self):
         missing = [key for key in LAYERED if key not in self.defaults]
@@ -375,23 +385,64 @@ def use_channels_last(choice: str, device: torch.device) -> bool:
 # -- the run ----------------------------------------------------------------------------------
 def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run; the exit code (0; 2 for a user error or a non-finite loss; 130 /
-    143 when interrupted by SIGINT / SIGTERM)."""
+    143 when interrupted by SIGINT / SIGTERM).
+
+    Launched by ``torchrun`` with ``WORLD_SIZE > 1``, a method whose spec ``shards_classes``
+    runs class-sharded (each rank its own classes; rank 0 writes the run directory, see
+    :func:`run`); any other method is refused with one line before any work."""
     args, explicit = parse_args(spec, argv)
+    from dm_plugins import distributed
+
     from .errors import USER_ERRORS
     from .guards import NonFiniteLoss, StopRequest
     stop = StopRequest()
+    world = distributed.World()
     try:
+        world = _world(spec)
         with stop.installed():
-            return run(spec, args, explicit, stop)
+            return run(spec, args, explicit, stop, world)
     except USER_ERRORS + (NonFiniteLoss,) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except distributed.PeerFailed:  # the failing rank printed its error
+        return 2
     except KeyboardInterrupt:
-        message = stop.message(spec.prog or f"baselines/{spec.name}.py")
-        print(message, file=sys.stderr)
-        if stop.run_dir is not None:
-            stop.run_dir.log(message)
+        if world.is_main:
+            message = stop.message(spec.prog or f"baselines/{spec.name}.py", launcher(world))
+            print(message, file=sys.stderr)
+            if stop.run_dir is not None:
+                stop.run_dir.log(message)
         return stop.exit_code
+    finally:
+        distributed.destroy_process_group()
+
+
+def _world(spec: MethodSpec):
+    """This process's :class:`dm_plugins.distributed.World`; a UsageError when torchrun
+    launched more than one process for a method that does not shard classes."""
+    from dm_plugins.distributed import world_from_env
+
+    from .common import UsageError
+    try:
+        world = world_from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if world.distributed and not spec.shards_classes:
+        raise UsageError(f"{spec.prog or f'baselines/{spec.name}.py'} does not run in several "
+                         f"processes yet (WORLD_SIZE={world.world_size}); launch it as one process "
+                         f"(only baselines/dm.py shards classes over torchrun's processes)")
+    return world
+
+
+def launcher(world) -> str:
+    """What starts a program again with this run's number of processes (for messages):
+    ``python``, or torchrun's command for a run of several processes."""
+    if not world.distributed:
+        return "python"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+    nodes = world.world_size // max(per_node, 1)
+    return (f"torchrun --nproc-per-node {per_node}" if nodes <= 1 else
+            f"torchrun --nnodes {nodes} --nproc-per-node {per_node} (rendezvous flags as before)")
 
 
 def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, config: dict,
@@ -447,10 +498,19 @@ def new_run_config(spec: MethodSpec, args: argparse.Namespace,
 
 
 def run(spec: MethodSpec, args: argparse.Namespace,
-        explicit: frozenset[str] | set[str] = frozenset(), stop: "StopRequest | None" = None
-        ) -> int:
-    """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors."""
-    from dm_plugins import ExpertPool, PluginSet, plugins_need_experts
+        explicit: frozenset[str] | set[str] = frozenset(), stop: "StopRequest | None" = None,
+        world=None) -> int:
+    """One run (new, or ``args.resume``): distil, save, evaluate. Raises user errors.
+
+    ``world`` (a :class:`dm_plugins.distributed.World`, default one process): with K > 1
+    processes every rank joins torchrun's process group (gloo on CPU, NCCL on CUDA), holds
+    only its classes (:func:`dm_plugins.distributed.class_range`) of the real training images
+    and of the synthetic set, and writes its own ``checkpoint-rank<r>.pt``. Rank 0 alone loads
+    the data and the experts first (downloads and caches), creates the run directory and writes
+    everything else (config, log, metrics, synthetic set, grid, curves, results). The
+    evaluation runs are dealt over the ranks and gathered. ``--resume`` needs the same K.
+    """
+    from dm_plugins import ExpertPool, PluginSet, distributed, plugins_need_experts
 
     from .common import evaluate_stored, initial_synthetic, resolve_device, save_synthetic
     from .datasets import canonical_dataset_name, load_dataset
@@ -462,10 +522,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     from .validation import check_config
 
     stop = stop if stop is not None else StopRequest()
-    progress = not args.no_progress
+    world = world if world is not None else distributed.World()
+    main_rank, sharded = world.is_main, world.distributed
+    progress = not args.no_progress and main_rank
     created = False
     if args.resume:
-        run_dir = RunDir.open(args.resume)
+        run_dir = RunDir.open(args.resume, world.rank, world.world_size, clean=main_rank)
         config = run_dir.read_config()
         if config.get("method", spec.name) != spec.name:
             raise RunError(f"{run_dir.path} holds a {config['method']!r} run, not a "
@@ -476,34 +538,57 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         if missing:
             raise RunError(f"{run_dir.config_path} lacks {', '.join(missing)}; it was not "
                            f"written by this program or was edited; start a new run")
-        dataset = load_dataset(canonical_dataset_name(config["dataset"]), config["data_path"])
+        recorded = int(config.get("world_size", 1))
+        if recorded != world.world_size:
+            raise RunError(f"{run_dir.path} was distilled by {recorded} process(es), this is "
+                           f"{world.world_size}; resume it with {recorded} (e.g. "
+                           f"{'python' if recorded == 1 else f'torchrun --nproc-per-node {recorded}'}"
+                           f" ... --resume {run_dir.path})")
+        device = distributed.init_process_group(world, resolve_device(config["device"]))
+        dataset = distributed.main_first(world, lambda: load_dataset(
+            canonical_dataset_name(config["dataset"]), config["data_path"]), USER_ERRORS)
         check_config(config, spec.checks, image_size=dataset.image_size)
+        _check_processes(world, dataset, config["arch"])
     else:
-        dataset, config = new_run_config(spec, args, explicit)
-        run_dir = RunDir.create(args.out or unused_path(default_out(config)), config)
-        created = True
+        if sharded:
+            device = distributed.init_process_group(world, resolve_device(args.device))
+        dataset, config = distributed.main_first(
+            world, lambda: new_run_config(spec, args, explicit), USER_ERRORS)
+        _check_processes(world, dataset, config["arch"])
+        config["world_size"] = world.world_size
+
+        def create() -> str:  # rank 0 only; the others get its path
+            return str(RunDir.create(args.out or unused_path(default_out(config)), config).path)
+        run_dir = RunDir(distributed.broadcast_object(distributed.main_first(
+            world, create if main_rank else lambda: None, USER_ERRORS)),
+            world.rank, world.world_size)
+        created = main_rank
     stop.run_dir = run_dir
-    device = resolve_device(config["device"])
+    if not sharded:
+        device = resolve_device(config["device"])
     channels_last = use_channels_last(config["channels_last"], device)
-    log = _logger(run_dir)
+    log = _logger(run_dir) if main_rank else (lambda message: None)
     log(f"run directory {run_dir.path}; dataset {dataset.name} "
         f"({dataset.num_classes} classes, {len(dataset.train)} train images); method "
         f"{config['method']}, preset {config.get('preset', config['method'])}; plugins "
-        f"{','.join(config['plugins']) or 'none'}; device {device}")
+        f"{','.join(config['plugins']) or 'none'}; device {device}"
+        + (f"; {world.world_size} processes, classes sharded" if sharded else ""))
 
     def factory():
         return get_network(config["arch"], dataset.channels, dataset.num_classes,
                            dataset.image_size)
 
-    try:  # a setup failure of a new run leaves no half-made run directory behind
+    def set_up():
+        nonlocal dataset
         experts = None
         if spec.needs_experts or plugins_need_experts(config["plugins"]):
             expert_seed = config.get("expert_seed", config["seed"])
-            experts, _ = load_or_train_experts(
+            experts = distributed.main_first(world, lambda: load_or_train_experts(
                 dataset, config["arch"], num_experts=config["num_experts"],
                 epochs=config["expert_epochs"], seed=expert_seed,
                 directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
-                device=device, progress=progress, channels_last=channels_last, log=log)
+                device=device, progress=progress, channels_last=channels_last, log=log)[0],
+                USER_ERRORS)
             if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays
                 experts = ExpertPool(experts.experts, experts.network_factory,  # the run's own
                                      seed=config["seed"], meta=experts.meta)
@@ -512,36 +597,67 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                                        tau=config["tau"])
         syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
                                      config["seed"])
+        extra = {"experts": experts} if spec.needs_experts else {}
+        if sharded:  # this rank's classes only: its synthetic images and real images
+            shard = distributed.ClassShard(dataset.num_classes, world.rank, world.world_size)
+            first, last = shard.classes.start, shard.classes.stop
+            syn_init = syn_init[first * config["ipc"]:last * config["ipc"]]
+            dataset = dataclasses.replace(dataset, train=distributed.ShardedClassData.restrict(
+                dataset.train, shard.classes))
+            extra["shard"] = shard
         host = spec.build_host(dataset, factory, syn_init, plugins, config, device,
-                               channels_last,
-                               **({"experts": experts} if spec.needs_experts else {}))
-        checkpoint = run_dir.load_checkpoint()
-    except USER_ERRORS:
-        if created:
-            run_dir.remove_unstarted()
-        raise
-    if checkpoint is not None:
+                               channels_last, **extra)
+        if not sharded:
+            checkpoint = run_dir.load_checkpoint()
+            return experts, host, {} if checkpoint is None else {0: checkpoint}
+        return experts, host, run_dir.load_checkpoints()
+
+    def restore(checkpoint) -> None:
         try:
             host.load_state_dict(checkpoint["host"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise RunError(f"{run_dir.checkpoint_path} does not fit the run described by "
-                           f"{run_dir.config_path} ({str(exc).splitlines()[0]}); was config.json "
-                           f"edited? Restore it or start a new run") from None
+                           f"{run_dir.config_path} ({str(exc).splitlines()[0]}); was "
+                           f"config.json edited? Restore it or start a new run") from None
+
+    errors = USER_ERRORS + (distributed.PeerFailed,)
+    try:  # a setup failure of a new run leaves no half-made run directory behind
+        experts, host, states = distributed.together(set_up, errors)
+        checkpoint = _common_checkpoint(states, world, run_dir) if sharded else states.get(0)
+        if checkpoint is not None:
+            distributed.together(lambda: restore(checkpoint), errors)
+    except errors:
+        if created:
+            run_dir.remove_unstarted()
+        raise
+    if checkpoint is not None:
         stop.checkpoint = host.iteration
-        run_dir.truncate_metrics(host.iteration)
+        if main_rank:
+            run_dir.truncate_metrics(host.iteration)
         log(f"resumed at iteration {host.iteration} of {config['iterations']}")
 
     def after_iteration(t: int, metrics: dict) -> None:
         done = t + 1
-        refuse_non_finite(t, metrics, getattr(host, "syn", None), config, stop)
+        syn = getattr(host, "syn", None)
+        stopping = stop.signum is not None
+        if sharded:  # every rank takes the same decisions (losses are already summed)
+            bad = isinstance(syn, torch.Tensor) and not bool(torch.isfinite(syn.detach()).all())
+            stopping, bad = distributed.any_rank(stopping, bad)
+            syn = torch.tensor(float("nan")) if bad else None
+        refuse_non_finite(t, metrics, syn, config, stop)
         if t % config["log_every"] == 0 or done == config["iterations"]:
             metrics["peak_memory_mb"] = round(peak_memory_mb(device), 1)
-            run_dir.append_metrics(metrics)
+            if sharded:
+                peaks = distributed.all_gather_object(metrics["peak_memory_mb"])
+                metrics["peak_memory_mb"] = max(peaks)
+                metrics["peak_memory_mb_per_rank"] = peaks
+            if main_rank:
+                run_dir.append_metrics(metrics)
         if (done % config["checkpoint_every"] == 0 or done == config["iterations"]
-                or stop.signum is not None):
+                or stopping):
             run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done})
             stop.checkpoint = done
-        if stop.signum is not None:
+        if stopping:
             raise KeyboardInterrupt
 
     started = time.perf_counter()
@@ -552,20 +668,29 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         stop.in_loop = False
     if getattr(host, "stores_pixels", False):  # e.g. DANCE: pixel space -> normalised
         stored = dataset.normalize(stored.detach().cpu())
+    peak = f"{peak_memory_mb(device):.0f} MiB"
+    if sharded:  # every rank gets the whole set, in class order
+        stored = distributed.all_gather_rows(stored.detach())
+        peaks = distributed.all_gather_object(round(peak_memory_mb(device)))
+        peak = f"{max(peaks)} MiB (per process: {', '.join(map(str, peaks))})"
     log(f"distillation done: {config['iterations']} iterations in "
-        f"{time.perf_counter() - started:.1f} s, peak memory {peak_memory_mb(device):.0f} MiB")
-    warn_if_saturated(dataset, stored, config, log)
-    save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],
-                   method=config["method"], plugins=config["plugins"], config=config,
-                   seed=config["seed"])
-    log(f"wrote {run_dir.synset_path} and {run_dir.grid_path}")
-    write_curves(run_dir, log)
+        f"{time.perf_counter() - started:.1f} s, peak memory {peak}")
+    if main_rank:
+        warn_if_saturated(dataset, stored, config, log)
+        save_synthetic(run_dir, dataset, stored, ipc=config["ipc"], factor=config["factor"],
+                       method=config["method"], plugins=config["plugins"], config=config,
+                       seed=config["seed"])
+        log(f"wrote {run_dir.synset_path} and {run_dir.grid_path}")
+        write_curves(run_dir, log)
     if config["eval_runs"] > 0:
         results = evaluate_stored(
             dataset, stored, ipc=config["ipc"], factor=config["factor"],
             archs=config["eval_arch"], runs=config["eval_runs"], epochs=config["eval_epochs"],
             protocol=config["eval_protocol"], seed=config["seed"], device=device,
-            progress=progress, channels_last=channels_last, log=log)
+            progress=progress, channels_last=channels_last, log=log, rank=world.rank,
+            world_size=world.world_size, gather=distributed.all_gather_object)
+        if not main_rank:
+            return 0
         summary = dict(results[0])
         summary["per_arch"] = results
         summary.update({"method": config["method"], "plugins": config["plugins"],
@@ -579,6 +704,45 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         run_dir.write_results(summary)
         log(f"wrote {run_dir.results_path}")
     return 0
+
+
+def _common_checkpoint(states: dict[int, dict], world, run_dir) -> dict | None:
+    """The state of the latest iteration every process has a checkpoint of (each keeps its
+    latest and previous one), None when no process has one; a RunError (on every rank) when
+    the processes share none."""
+    from dm_plugins import distributed
+
+    from .runs import RunError
+    everyone = distributed.all_gather_object(sorted(states))
+    if not any(everyone):
+        return None
+    common = set.intersection(*map(set, everyone))
+    if not common:
+        raise RunError(f"the {world.world_size} processes' checkpoints in {run_dir.path} share "
+                       f"no iteration ({'; '.join(f'rank {r}: {its}' for r, its in enumerate(everyone))}"
+                       f"); delete every checkpoint-rank*.pt to restart the run")
+    return states[max(common)]
+
+
+def _check_processes(world, dataset, arch: str) -> None:
+    """A UsageError, for a run of several processes, when there are more processes than
+    classes, or when ``arch`` couples the images of a batch (BatchNorm in training mode: each
+    process's batch statistics would differ from one process's)."""
+    from dm_plugins.chunking import batch_independent
+
+    from .common import UsageError
+    from .networks import get_network
+    if not world.distributed:
+        return
+    if world.world_size > dataset.num_classes:
+        raise UsageError(f"{world.world_size} processes for {dataset.num_classes} classes: each "
+                         f"process needs at least one class; use at most "
+                         f"{dataset.num_classes} processes")
+    if not batch_independent(get_network(arch, dataset.channels, dataset.num_classes,
+                                         dataset.image_size).train()):
+        raise UsageError(f"--arch {arch} has BatchNorm, whose batch statistics would mix the "
+                         f"classes each process holds, so several processes would not compute "
+                         f"what one does; use a ConvNet (instance norm) or one process")
 
 
 def write_curves(run_dir, log: Callable[[str], None]) -> None:

@@ -38,12 +38,23 @@ OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 _GEOMETRIC = ("crop", "scale", "rotate")
 
 
-def _group_index(groups: Optional[Tensor], n: int) -> tuple[Tensor, int]:
-    """(per-image index of its group among the sorted distinct ids, number of groups)."""
+def _group_index(groups: Optional[Tensor], n: int,
+                 num_groups: Optional[int] = None) -> tuple[Tensor, int]:
+    """(per-image index of its group, number of groups drawn for).
+
+    Without ``num_groups``: the index among the sorted distinct ids present, and their number.
+    With it: the id itself (ids must lie in ``0 .. num_groups - 1``), and ``num_groups``, so a
+    group's draw depends on its id, not on which other groups are present."""
     if groups is None:
-        return torch.zeros(n, dtype=torch.long), 1
+        return torch.zeros(n, dtype=torch.long), 1 if num_groups is None else int(num_groups)
     if groups.shape != (n,):
         raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+    if num_groups is not None:
+        ids = groups.cpu().long()
+        if int(num_groups) < 1 or (n and not 0 <= int(ids.min()) <= int(ids.max()) < num_groups):
+            raise ValueError(f"group ids must lie in 0..{int(num_groups) - 1} when num_groups="
+                             f"{num_groups}")
+        return ids, int(num_groups)
     _, inverse = torch.unique(groups.cpu(), sorted=True, return_inverse=True)
     return inverse, int(inverse.max()) + 1
 
@@ -210,7 +221,8 @@ class DSA:
         raise ValueError(f"unknown DSA op {op!r}")
 
     # ------------------------------------------------------------------ public modes
-    def siamese(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator) -> Tensor:
+    def siamese(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator,
+                num_groups: Optional[int] = None) -> Tensor:
         """Siamese augmentation: one op choice and one parameter draw per group.
 
         Args:
@@ -220,6 +232,10 @@ class DSA:
                 Groups are ordered by sorted id; draws depend only on the number of groups and
                 their order, not on the id values.
             generator: the only source of randomness.
+            num_groups: draw for groups ``0 .. num_groups - 1`` and give each image the draw of
+                its id, whichever ids are present (a class-sharded run holding some classes gets
+                exactly the draws a run holding all ``num_groups`` classes gives them). None:
+                draw for the groups present, as above. With every id present both agree.
 
         Consumes from ``generator``: the op choice for every group, then the parameters of every
         op of the strategy for every group (a fixed amount per call, whatever ops get chosen).
@@ -227,7 +243,7 @@ class DSA:
         if not self.ops or x.shape[0] == 0:
             return x
         n, _, h, w = x.shape
-        inverse, num_groups = _group_index(groups, n)
+        inverse, num_groups = _group_index(groups, n, num_groups)
         choice = torch.randint(len(self.ops), (num_groups,), generator=generator,
                                device=generator.device).cpu()
         group_params = [self.draw_params(op, num_groups, h, w, generator) for op in self.ops]
@@ -253,12 +269,13 @@ class DSA:
             out.index_copy_(0, idx_dev, y)
         return out
 
-    def sequence(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator) -> Tensor:
+    def sequence(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator,
+                 num_groups: Optional[int] = None) -> Tensor:
         """Siamese augmentation that applies the whole strategy, as IDC's ``DiffAug`` (which
         DANCE matches with, strategy ``color_crop_cutout``): ``flip`` and ``color`` first, then
         one geometric op (``crop``, ``scale`` or ``rotate``; one picked per group when the
         strategy has several), then ``cutout``. One parameter draw per group, as
-        :meth:`siamese`; ``groups`` and ``generator`` as there.
+        :meth:`siamese`; ``groups``, ``generator`` and ``num_groups`` as there.
 
         Consumes from ``generator``, in order: the parameters of flip, color (if in the
         strategy), the choice and the parameters of the geometric ops, then cutout's.
@@ -266,11 +283,11 @@ class DSA:
         if not self.ops or x.shape[0] == 0:
             return x
         n, _, h, w = x.shape
-        inverse, num_groups = _group_index(groups, n)
+        inverse, count = _group_index(groups, n, num_groups)
 
         def draw(op: str) -> Dict[str, Tensor]:
             return {k: v.cpu()[inverse]
-                    for k, v in self.draw_params(op, num_groups, h, w, generator).items()}
+                    for k, v in self.draw_params(op, count, h, w, generator).items()}
 
         for op in ("flip", "color", "brightness", "saturation", "contrast"):
             if op in self.ops:
@@ -279,7 +296,7 @@ class DSA:
         if len(geometric) == 1:
             x = self.apply(geometric[0], x, draw(geometric[0]))
         elif geometric:
-            x = DSA.from_ops(self, geometric).siamese(x, groups, generator)
+            x = DSA.from_ops(self, geometric).siamese(x, groups, generator, num_groups)
         if "cutout" in self.ops:
             x = self.apply("cutout", x, draw("cutout"))
         return x

@@ -15,7 +15,7 @@ CutMix) is seeded, never from the clock.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from dm_plugins.training import accuracy, train_classifier
 
 from .dsa import DSA
 
-__all__ = ["EvalProtocol", "PROTOCOLS", "train_and_test", "evaluate_synset", "run_seeds"]
+__all__ = ["EvalProtocol", "PROTOCOLS", "train_and_test", "evaluate_synset", "run_seeds",
+           "summarize_accuracies", "resolve_protocol"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ PROTOCOLS: Dict[str, EvalProtocol] = {
 }
 
 
-def _resolve_protocol(protocol: Union[str, EvalProtocol], epochs: Optional[int]) -> EvalProtocol:
+def resolve_protocol(protocol: Union[str, EvalProtocol], epochs: Optional[int]) -> EvalProtocol:
+    """The :class:`EvalProtocol` named (or given), with ``epochs`` when not None."""
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}")
@@ -87,7 +89,7 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
     reshuffled batches of ``batch_size``, DSA then (with prob ``cutmix_p``) CutMix per batch.
     Testing: eval mode, no grad, batches of 1000; accuracy of the last epoch's weights.
     """
-    protocol = _resolve_protocol(protocol, None)
+    protocol = resolve_protocol(protocol, None)
     if protocol.dsa and augment is None:
         augment = DSA()
     net = network_factory()
@@ -118,7 +120,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                     augment: Optional[DSA] = None, progress: bool = True,
                     num_classes: Optional[int] = None, channels: Optional[int] = None,
                     image_size: Optional[int] = None, net_kwargs: Optional[dict] = None,
-                    channels_last: bool = False) -> dict:
+                    channels_last: bool = False,
+                    run_indices: Optional[Sequence[int]] = None) -> dict:
     """Evaluate a synthetic set: ``runs`` fresh networks, mean and std of final-epoch accuracy.
 
     Args:
@@ -136,13 +139,18 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
             the second a CPU generator for shuffling, DSA and CutMix.
         augment: DSA for training (see :func:`train_and_test`).
         channels_last: train in channels-last memory format (faster on CPU; same maths).
+        run_indices: run only these of the ``runs`` runs (each still seeded by its own index,
+            so the runs of a set split over processes give exactly the accuracies of one
+            process running them all); the result then also holds ``run_indices`` and its
+            mean/std are over these runs only (combine the parts with
+            :func:`summarize_accuracies`).
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "accuracies", "protocol", "epochs", "runs"}``;
         accuracies in percent; ``accuracy_std`` is the population std (numpy ``ddof=0``, as the
         DM code reports).
     """
-    proto = _resolve_protocol(protocol, epochs)
+    proto = resolve_protocol(protocol, epochs)
     if isinstance(arch_factory, str):
         from .networks import get_network
 
@@ -165,7 +173,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
     device = torch.device(device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     accuracies = []
-    for i in range(runs):
+    indices = list(range(runs)) if run_indices is None else [int(i) for i in run_indices]
+    for i in indices:
         init_seed, data_seed = run_seeds(seed, i)
         generator = torch.Generator().manual_seed(data_seed)
         with torch.random.fork_rng(devices=fork_devices):
@@ -176,12 +185,21 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                                  desc=f"{name} run {i + 1}/{runs}",
                                  channels_last=channels_last)
         accuracies.append(acc)
+    result = summarize_accuracies(accuracies, proto, runs)
+    if run_indices is not None:
+        result["run_indices"] = indices
+    return result
+
+
+def summarize_accuracies(accuracies: Sequence[float], protocol: EvalProtocol, runs: int) -> dict:
+    """What :func:`evaluate_synset` returns for these final-epoch ``accuracies`` (in run
+    order): mean, population std (``nan`` for none), the accuracies, protocol, epochs, runs."""
     arr = np.asarray(accuracies, dtype=np.float64)
     return {
-        "accuracy_mean": float(arr.mean()) if runs else float("nan"),
-        "accuracy_std": float(arr.std(ddof=0)) if runs else float("nan"),
+        "accuracy_mean": float(arr.mean()) if len(arr) else float("nan"),
+        "accuracy_std": float(arr.std(ddof=0)) if len(arr) else float("nan"),
         "accuracies": [float(a) for a in accuracies],
-        "protocol": proto.name,
-        "epochs": proto.epochs,
+        "protocol": protocol.name,
+        "epochs": protocol.epochs,
         "runs": runs,
     }

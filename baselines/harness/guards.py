@@ -53,14 +53,16 @@ class StopRequest:
     def exit_code(self) -> int:
         return 128 + int(self.signum or signal.SIGINT)
 
-    def message(self, prog: str) -> str:
+    def message(self, prog: str, launcher: str = "python") -> str:
+        """What to print when the run stops; ``launcher`` starts ``prog`` again (``python``,
+        or the torchrun command of a run of several processes)."""
         name = signal.Signals(self.signum or signal.SIGINT).name
         if self.run_dir is None:
             return f"interrupted ({name}) before the run directory was made; nothing was written"
         where = (f"the checkpoint after {self.checkpoint} iterations is kept"
                  if self.checkpoint is not None else
                  "no checkpoint was written yet, so the run restarts from iteration 0")
-        return (f"interrupted ({name}): {where}; continue with: python {prog} --resume "
+        return (f"interrupted ({name}): {where}; continue with: {launcher} {prog} --resume "
                 f"{self.run_dir.path}")
 
 

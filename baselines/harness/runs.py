@@ -3,7 +3,10 @@
 A run directory holds::
 
     config.json      every resolved setting, versions, seed
-    checkpoint.pt    latest resumable state (atomic), every --checkpoint-every iterations
+    checkpoint.pt    latest resumable state (atomic), every --checkpoint-every iterations;
+                     a run of K > 1 processes (torchrun) writes checkpoint-rank<r>.pt instead,
+                     one per rank, each holding that rank's classes, and keeps the previous
+                     one as checkpoint-rank<r>.prev.pt
     metrics.jsonl    one JSON object per logged iteration
     run.log          human-readable log
     synthetic.pt     the synthetic set (harness file format, see synset.py)
@@ -14,6 +17,7 @@ A run directory holds::
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -75,13 +79,19 @@ def environment() -> dict[str, Any]:
 
 
 class RunDir:
-    """One run's directory. Create with :meth:`create`, reopen with :meth:`open`."""
+    """One run's directory. Create with :meth:`create`, reopen with :meth:`open`.
 
-    def __init__(self, path: str | Path):
+    ``rank`` / ``world_size``: this process's place in a class-sharded run; with
+    ``world_size > 1`` the checkpoint is the rank's own ``checkpoint-rank<rank>.pt``.
+    """
+
+    def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1):
         self.path = Path(path)
+        self.rank, self.world_size = int(rank), int(world_size)
 
     config_path = property(lambda self: self.path / "config.json")
-    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    checkpoint_path = property(lambda self: self.path / (
+        "checkpoint.pt" if self.world_size == 1 else f"checkpoint-rank{self.rank}.pt"))
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     log_path = property(lambda self: self.path / "run.log")
     synset_path = property(lambda self: self.path / "synthetic.pt")
@@ -100,13 +110,15 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
-        """Reopen a run for ``--resume``; temp files left by a killed atomic write are removed."""
-        run = cls(path)
+    def open(cls, path: str | Path, rank: int = 0, world_size: int = 1,
+             clean: bool = True) -> "RunDir":
+        """Reopen a run for ``--resume``; temp files left by a killed atomic write are removed
+        (when ``clean``: one process of a sharded run does it)."""
+        run = cls(path, rank, world_size)
         if not run.config_path.is_file():
             raise RunError(f"{run.path} is not a run directory (no config.json); pass the --out "
                            f"directory of an earlier run")
-        for stale in run.path.glob(".*.tmp"):
+        for stale in run.path.glob(".*.tmp") if clean else ():
             stale.unlink(missing_ok=True)
         return run
 
@@ -148,21 +160,40 @@ class RunDir:
                 kept.append(line)
         atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
+    previous_checkpoint_path = property(
+        lambda self: self.path / f"checkpoint-rank{self.rank}.prev.pt")
+
     def save_checkpoint(self, state: dict) -> None:
+        """Write ``state`` atomically. A process of a run of several keeps its previous
+        checkpoint too (``checkpoint-rank<r>.prev.pt``): a kill between two processes' writes
+        then still leaves an iteration every process has (see :meth:`load_checkpoints`)."""
+        if self.world_size > 1 and self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         atomic_torch_save(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> dict | None:
         """The saved state, None when the run has no checkpoint yet."""
-        if not self.checkpoint_path.exists():
+        return self._load(self.checkpoint_path)
+
+    def load_checkpoints(self) -> dict[int, dict]:
+        """This process's saved states by the iteration they resume at: the latest and, in a
+        run of several processes, the previous one (empty when there is none)."""
+        paths = [self.checkpoint_path] + ([self.previous_checkpoint_path]
+                                          if self.world_size > 1 else [])
+        states = [self._load(path) for path in paths]
+        return {int(state["iteration"]): state for state in states if state is not None}
+
+    def _load(self, path: Path) -> dict | None:
+        if not path.exists():
             return None
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise RunError(f"checkpoint {self.checkpoint_path} is unreadable (truncated or "
+            raise RunError(f"checkpoint {path} is unreadable (truncated or "
                            f"corrupt? {type(exc).__name__}); delete it to restart the run from "
                            f"the beginning") from None
         if not isinstance(state, dict) or "host" not in state:
-            raise RunError(f"checkpoint {self.checkpoint_path} is not a dm_plugins checkpoint; "
+            raise RunError(f"checkpoint {path} is not a dm_plugins checkpoint; "
                            f"delete it to restart the run")
         return state
 

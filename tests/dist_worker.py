@@ -1,0 +1,23 @@
+"""A torchrun entry point for tests/test_distributed_cli.py: ``baselines/dm.py``'s ``main``, with
+two test-only switches in the environment: ``DM_TEST_STOP_AT=N`` stops every rank on reaching
+iteration N (as a Ctrl-C there would), so a resume test needs no timing; ``DM_TEST_RANDOM_EXPERTS``
+uses the random stand-in experts of ``tests/conftest.py`` (no training). Not collected by pytest."""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from baselines import dm  # noqa: E402
+from dm_plugins import DMHost  # noqa: E402
+from tests.conftest import killed_at, random_stand_in_experts  # noqa: E402
+
+if __name__ == "__main__":
+    if os.environ.get("DM_TEST_RANDOM_EXPERTS"):
+        from baselines.harness import expert_cache
+        expert_cache.load_or_train_experts = random_stand_in_experts
+    stop_at = os.environ.get("DM_TEST_STOP_AT")
+    if stop_at is None:
+        sys.exit(dm.main(sys.argv[1:]))
+    with killed_at(DMHost, int(stop_at)):
+        sys.exit(dm.main(sys.argv[1:]))

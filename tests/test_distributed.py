@@ -1,0 +1,202 @@
+"""Class sharding without processes: the shard arithmetic, the real-data view that replays the
+draws of classes it does not hold, the DSA's per-id draws, sharded DM hosts run one after
+another against one host holding every class, split evaluation, and the refusals the driver
+makes before any work (dm_plugins/distributed.py, tests/test_distributed_cli.py runs torchrun)."""
+import json
+
+import pytest
+import torch
+
+from baselines import dm, idm
+from baselines.harness.dsa import DSA
+from baselines.harness.evaluation import evaluate_synset, resolve_protocol, summarize_accuracies
+from dm_plugins import DMHost, PluginSet
+from dm_plugins.distributed import (ClassShard, ShardedClassData, World, all_gather_object,
+                                    all_gather_rows, any_rank, class_range)
+from tests.conftest import TinyNet, make_toy
+
+TINY = ["--ipc", "1", "--iterations", "2", "--batch-real", "8", "--eval-runs", "0",
+        "--no-progress", "--device", "cpu"]
+
+
+def test_class_range_is_contiguous_and_covers_every_class_once():
+    assert [class_range(10, r, 3) for r in range(3)] == [range(0, 4), range(4, 7), range(7, 10)]
+    assert [class_range(4, r, 4) for r in range(4)] == [range(r, r + 1) for r in range(4)]
+    for c, k in ((7, 1), (10, 2), (100, 7), (5, 5)):
+        ranges = [class_range(c, r, k) for r in range(k)]
+        assert [x for rng in ranges for x in rng] == list(range(c))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    with pytest.raises(ValueError, match="at least one class"):
+        class_range(3, 0, 4)
+    with pytest.raises(ValueError, match="outside"):
+        ClassShard(10, 2, 2)
+    assert ClassShard(10, 1, 2).classes == range(5, 10)
+
+
+def test_collectives_are_the_identity_without_a_process_group():
+    x = torch.arange(6.).view(3, 2)
+    assert all_gather_rows(x) is x
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+    assert any_rank(True, False) == [True, False]
+    assert ClassShard(4, 0, 2).sum([1, 2.5]) == [1.0, 2.5]
+    assert not World().distributed and World(1, 2).distributed and not World(1, 2).is_main
+
+
+def test_sharded_data_replays_the_draws_of_the_classes_it_does_not_hold():
+    full = make_toy(num_classes=4, per_class=9)
+    view = ShardedClassData.restrict(full, [1, 2])
+    assert view.num_classes == 4 and view.class_sizes() == full.class_sizes()
+    assert len(view) == 18 and view.held_classes == [1, 2]
+    g_full, g_view = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for c in range(4):
+            a, b = full.sample(c, 4, g_full), view.sample(c, 4, g_view)
+            if c in (1, 2):
+                assert torch.equal(a, b)
+            else:
+                assert b.shape == (0, *full.image_shape)
+    assert torch.equal(view.images_of(2), full.images_of(2))
+    with pytest.raises(ValueError, match="not held"):
+        view.images_of(0)
+    assert torch.equal(view.to("cpu").images_of(1), full.images_of(1))
+
+
+def test_dsa_with_num_groups_gives_each_group_the_draw_of_its_id():
+    dsa = DSA(flip=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 1, 8, 8, generator=g)
+    groups = torch.arange(4).repeat_interleave(3)
+    for mode in ("siamese", "sequence"):
+        for seed in range(6):  # several seeds: several ops get chosen
+            full = getattr(dsa, mode)(x, groups, torch.Generator().manual_seed(seed))
+            same = getattr(dsa, mode)(x, groups, torch.Generator().manual_seed(seed),
+                                      num_groups=4)
+            torch.testing.assert_close(same, full, rtol=0, atol=1e-6)
+            part = groups >= 2                              # a process holding groups 2 and 3
+            mine = getattr(dsa, mode)(x[part], groups[part], torch.Generator().manual_seed(seed),
+                                      num_groups=4)
+            torch.testing.assert_close(mine, full[part], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="0..3"):
+        dsa.siamese(x, groups + 1, g, num_groups=4)
+
+
+@pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
+def test_sharded_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
+    ipc = 2
+    g = torch.Generator().manual_seed(1)
+    syn = torch.cat([toy.sample(c, ipc, g) for c in range(toy.num_classes)])
+
+    def host(shard=None):
+        mine = syn if shard is None else syn[shard.classes.start * ipc:shard.classes.stop * ipc]
+        real = toy if shard is None else ShardedClassData.restrict(toy, shard.classes)
+        return DMHost(real, tiny_factory, mine, num_iterations=4, batch_real=5, seed=3,
+                      plugins=PluginSet.from_names(spec, experts=pool),
+                      augment=DSA(flip=False).siamese, shard=shard)
+
+    single, losses = host(), []
+    single.run(callback=lambda t, m: losses.append(m["loss"]), progress=False)
+    parts, shard_losses = [], []
+    for rank in range(2):                           # 3 classes: ranks hold [0, 1] and [2]
+        shard = ClassShard(toy.num_classes, rank, 2)
+        h, seen = host(shard), []
+        h.run(callback=lambda t, m: seen.append(m["loss"]), progress=False)
+        assert torch.equal(h.syn_labels, torch.tensor(list(shard.classes)).repeat_interleave(ipc))
+        parts.append(h.syn.detach())
+        shard_losses.append(seen)
+        assert h.state_dict()["classes"] == [shard.classes.start, shard.classes.stop]
+    torch.testing.assert_close(torch.cat(parts), single.syn.detach(), rtol=0, atol=1e-6)
+    # without a process group each rank logs its own classes' part of the loss
+    torch.testing.assert_close(torch.tensor(shard_losses).sum(0), torch.tensor(losses),
+                               rtol=1e-5, atol=1e-6)
+    other = host(ClassShard(toy.num_classes, 0, 2))
+    with pytest.raises(ValueError, match="classes"):
+        other.load_state_dict(host(ClassShard(toy.num_classes, 1, 2)).state_dict())
+    with pytest.raises(ValueError, match="classes"):
+        other.load_state_dict(single.state_dict())
+
+
+def test_a_shard_must_split_the_real_datas_classes(toy, tiny_factory):
+    with pytest.raises(ValueError, match="splits 4 classes"):
+        DMHost(toy, tiny_factory, toy.images[:2], num_iterations=1, shard=ClassShard(4, 0, 2))
+
+
+def test_evaluation_runs_split_over_processes_give_the_serial_accuracies():
+    data = make_toy(num_classes=3, per_class=6)
+    kwargs = dict(runs=3, epochs=2, seed=4, augment=DSA(flip=False), progress=False)
+    factory = lambda: TinyNet(1, 3, 4, 8)  # noqa: E731
+    serial = evaluate_synset(data.images, data.labels, data.images, data.labels, factory,
+                             **kwargs)
+    parts = [evaluate_synset(data.images, data.labels, data.images, data.labels, factory,
+                             run_indices=idx, **kwargs) for idx in ([0, 2], [1])]
+    assert parts[0]["run_indices"] == [0, 2]
+    merged = [parts[0]["accuracies"][0], parts[1]["accuracies"][0], parts[0]["accuracies"][1]]
+    assert summarize_accuracies(merged, resolve_protocol("dm", 2), 3) == serial
+
+
+def _one_line_error(capsys, code, *fragments):
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_methods_that_do_not_shard_refuse_several_processes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    _one_line_error(capsys, idm.main(TINY + ["--out", str(tmp_path / "r")]),
+                    "baselines/idm.py", "one process", "WORLD_SIZE=2")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    _one_line_error(capsys, dm.main(TINY + ["--out", str(tmp_path / "r")]), "WORLD_SIZE")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_needs_the_same_number_of_processes(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert dm.main(TINY + ["--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 1
+    config["world_size"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    _one_line_error(capsys, dm.main(["--resume", str(out), "--no-progress"]),
+                    "distilled by 2 process(es)", "torchrun --nproc-per-node 2")
+
+
+def test_more_processes_than_classes_or_a_batchnorm_network_is_refused(toy):
+    from baselines.harness.common import UsageError
+    from baselines.harness.datasets import load_dataset
+    from baselines.harness.driver import _check_processes
+    digits = load_dataset("digits")
+    _check_processes(World(0, 10), digits, "convnet")
+    _check_processes(World(0, 1), digits, "resnet10")               # one process: anything
+    with pytest.raises(UsageError, match="11 processes for 10 classes"):
+        _check_processes(World(0, 11), digits, "convnet")
+    with pytest.raises(UsageError, match="BatchNorm"):
+        _check_processes(World(0, 2), digits, "resnet10")
+    bn = lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(1))  # noqa: E731
+    with pytest.raises(ValueError, match="BatchNorm"):
+        DMHost(toy, bn, toy.images[:4], num_iterations=1, shard=ClassShard(3, 0, 2))
+
+
+def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_shared(
+        tmp_path, monkeypatch):
+    from baselines.harness import driver
+    from baselines.harness.runs import RunDir, RunError
+    from dm_plugins import distributed
+    run = RunDir(tmp_path, rank=1, world_size=2)
+    assert run.checkpoint_path.name == "checkpoint-rank1.pt"
+    for it in (2, 4, 6):
+        run.save_checkpoint({"host": {}, "iteration": it})
+    assert sorted(run.load_checkpoints()) == [4, 6]
+    assert run.previous_checkpoint_path.name == "checkpoint-rank1.prev.pt"
+    assert RunDir(tmp_path).checkpoint_path.name == "checkpoint.pt"     # one process: as before
+    states = run.load_checkpoints()
+    # rank 0 was killed after writing iteration 6 and before rank 1 ... and the other way round
+    monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[2, 4], mine])
+    assert driver._common_checkpoint(states, World(1, 2), run)["iteration"] == 4
+    monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[], []])
+    assert driver._common_checkpoint({}, World(1, 2), run) is None
+    monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[0, 2], mine])
+    with pytest.raises(RunError, match="share no iteration"):
+        driver._common_checkpoint(states, World(1, 2), run)

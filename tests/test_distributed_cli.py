@@ -1,0 +1,124 @@
+"""``torchrun --nproc-per-node 2 baselines/dm.py`` (gloo, CPU) on the embedded digits against one
+process with the same seed: the gathered synthetic set class by class, the summed losses, the
+evaluation runs dealt over the two ranks, and a 2-process run stopped after its checkpoint and
+resumed. Each launch costs a few seconds of process start-up, so the cases share launches."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from baselines import dm
+from baselines.harness.datasets import load_dataset
+from baselines.harness.dsa import DSA
+from baselines.harness.evaluation import evaluate_synset
+from baselines.harness.synset import load_synset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ipc", "2", "--iterations", "3", "--batch-real", "8", "--eval-runs", "0",
+        "--num-experts", "2", "--expert-epochs", "1", "--checkpoint-every", "2",
+        "--log-every", "1", "--no-progress", "--device", "cpu"]
+ATOL = 1e-5  # pixels in [0, 1]; the ranks' real forwards batch fewer images than one process's
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DM_PLUGINS_EXPERTS", str(tmp_path / "experts"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, stop_at=None, script="tests/dist_worker.py"):
+    """Launch 2 ranks of ``script`` (gloo on CPU); the completed process. The worker script
+    uses the random stand-in experts (as the in-process runs here) and stops at ``stop_at``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "DM_TEST_RANDOM_EXPERTS": "1"}
+    env.pop("DM_TEST_STOP_AT", None)
+    if stop_at is not None:
+        env["DM_TEST_STOP_AT"] = str(stop_at)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _per_class(path, num_classes=10):
+    images = load_synset(path).images
+    return images.view(num_classes, -1, *images.shape[1:])
+
+
+def _assert_same_sets(one, two):
+    a, b = _per_class(one / "synthetic.pt"), _per_class(two / "synthetic.pt")
+    for c in range(a.shape[0]):
+        torch.testing.assert_close(b[c], a[c], rtol=0, atol=ATOL, msg=f"class {c}")
+    assert torch.equal(load_synset(one / "synthetic.pt").labels,
+                       load_synset(two / "synthetic.pt").labels)
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_equal_one_and_split_the_evaluation(tmp_path):
+    args = TINY + ["--plugins", "none", "--eval-runs", "3", "--eval-epochs", "2"]
+    assert dm.main(args + ["--out", str(tmp_path / "one")]) == 0
+    done = torchrun(args + ["--out", str(tmp_path / "two")], script="baselines/dm.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _assert_same_sets(one, two)
+    names = {p.name for p in two.iterdir()}
+    assert {"config.json", "synthetic.pt", "grid.png", "metrics.jsonl", "results.json",
+            "run.log", "curves.png", "checkpoint-rank0.pt", "checkpoint-rank1.pt"} <= names
+    assert "checkpoint.pt" not in names
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):   # rank 0 logs global sums
+        assert a["iteration"] == b["iteration"] and len(b["peak_memory_mb_per_rank"]) == 2
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert "2 processes, classes sharded" in (two / "run.log").read_text()
+    # evaluation: 3 runs dealt over 2 ranks, gathered; equal to serial runs of the same file
+    results = json.loads((two / "results.json").read_text())
+    synset = load_synset(two / "synthetic.pt")
+    digits = load_dataset("digits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran
+    try:
+        serial = evaluate_synset(digits.normalize(synset.images), synset.labels,
+                                 digits.test.images, digits.test.labels, "convnet", runs=3,
+                                 epochs=2, seed=0, augment=DSA(flip=False), progress=False,
+                                 num_classes=10, channels_last=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert results["accuracies"] == serial["accuracies"]
+    assert results["accuracy_mean"] == serial["accuracy_mean"]
+
+
+def test_two_processes_with_plugins_stop_resume_and_equal_one(tmp_path, capsys,
+                                                              random_experts):
+    args = TINY + ["--plugins", "cap,ptm,plm"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert dm.main(args + ["--out", str(one)]) == 0
+    stopped = torchrun(args + ["--out", str(two)], stop_at=2)   # stops after checkpoint 2
+    assert stopped.returncode != 0
+    assert "--resume" in stopped.stderr and "torchrun --nproc-per-node 2" in stopped.stderr
+    assert not (two / "synthetic.pt").exists()
+    for rank in (0, 1):
+        state = torch.load(two / f"checkpoint-rank{rank}.pt", weights_only=True)
+        assert state["iteration"] == 2 and state["host"]["classes"] == [5 * rank, 5 * rank + 5]
+    # another number of processes is refused before any work
+    assert dm.main(["--resume", str(two), "--no-progress"]) == 2
+    assert "distilled by 2 process(es)" in capsys.readouterr().err
+    resumed = torchrun(["--resume", str(two), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_sets(one, two)
+    assert "resumed at iteration 2 of 3" in (two / "run.log").read_text()
+    assert [m["iteration"] for m in _metrics(two)] == [0, 1, 2]
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        assert b["loss_plm"] == pytest.approx(a["loss_plm"], rel=1e-5)
+        assert b["real_kept"] == pytest.approx(a["real_kept"])
