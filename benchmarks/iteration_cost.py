@@ -8,7 +8,8 @@ so that drift in machine speed affects them alike) for:
 - ``naive``:      per-class DM as the original code does it (new network, per-class DSA,
                   per-class forwards), :func:`dm_plugins.reference.naive_dm_iteration`;
 - ``host-nchw``:  our batched DM host, default memory format, no plugins;
-- ``host-unchunked``: the host with the real forward in one batch (the first round's host);
+- ``host-unchunked``: the host with the real and synthetic forwards in one batch each (the
+                  first round's host);
 - ``host``:       our DM host with this machine's fast settings (channels-last, the real
                   forward in chunks of the device's default size, fused with the class means;
                   ``--compile`` adds torch.compile of the real forward), no plugins;
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-per-class", type=int, default=300)
     p.add_argument("--syn-chunk", type=int, default=None,
                    help="synthetic-forward chunk of the DM host variants and PLM (activation "
-                        "checkpointing; default: the device's, off)")
+                        "checkpointing; default: the device's, dm_plugins.chunking.DEFAULT_SYN_CHUNK)")
     p.add_argument("--eval-speed", type=int, default=None, metavar="EPOCHS",
                    help="time the evaluation instead (training a fresh network on an IPC-10, "
                         "factor-2 set: 400 images) for EPOCHS epochs, default vs channels-last")
@@ -191,7 +192,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                          channels_last=variant != "host-nchw",
                          compile_real=args.compile and not plain,
                          real_chunk=1 << 40 if plain else None,
-                         syn_chunk=None if plain else args.syn_chunk,
+                         syn_chunk=1 << 40 if plain else args.syn_chunk,
                          stage_timer=StageTimer(device))
     host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
     return host.step, host.close, host.stage

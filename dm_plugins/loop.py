@@ -86,7 +86,8 @@ class DMHost:
         syn_chunk: the synthetic forward (with graph) runs in chunks of at most this many images
             under activation checkpointing (:func:`dm_plugins.chunking.checkpointed_forward`):
             memory for one chunk's activations instead of all, for one extra forward. None:
-            :func:`dm_plugins.chunking.default_syn_chunk` (off). Same result.
+            :func:`dm_plugins.chunking.default_syn_chunk` (128 on CPU, off on CUDA). Same
+            result up to float rounding.
         stage_timer: a :class:`dm_plugins.profiling.StageTimer` to time the stages of each
             iteration (benchmarks); None times nothing and adds no synchronisation.
         shard: a :class:`dm_plugins.distributed.ClassShard`: this host optimises only the

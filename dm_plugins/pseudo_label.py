@@ -108,7 +108,7 @@ class PseudoLabelMatching:
         lazy: compute an expert's pseudo-labels at its first use instead of at setup.
         chunk: the expert's forward on the synthetic images runs in chunks of at most this many
             images under activation checkpointing (bounded memory, one extra forward; same
-            loss). None: :func:`dm_plugins.chunking.default_syn_chunk` of the device (off).
+            loss). None: :func:`dm_plugins.chunking.default_syn_chunk` of the device.
     """
 
     name = "plm"
