@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last memory format; auto = on for CPU (faster there), off for "
                         "CUDA (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each network (a one-off compile time per run, then "
+                        "faster epochs)")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the per-run progress bars (default: shown)")
     args = p.parse_args(argv)
@@ -136,7 +139,8 @@ def main(argv=None) -> int:
                               seed=args.seed, device=device, augment=augment,
                               progress=not args.no_progress, num_classes=ds.num_classes,
                               channels_last=args.channels_last == "on" or (
-                                  args.channels_last == "auto" and device.type == "cpu"))
+                                  args.channels_last == "auto" and device.type == "cpu"),
+                              compile=args.compile)
         res["seed"] = args.seed
         results[arch] = res
 

@@ -51,7 +51,8 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      cutmix_p: float = 0.0, generator: torch.Generator,
                      device: str | torch.device = "cpu", progress: bool = True,
-                     desc: str = "train", channels_last: bool = False) -> float:
+                     desc: str = "train", channels_last: bool = False,
+                     compile: bool = False) -> float:
     """Train ``network`` in place with SGD and return the final epoch's training accuracy (%).
 
     Args:
@@ -62,6 +63,9 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
         cutmix_p: probability of applying CutMix to a batch.
         generator: CPU generator for shuffling, augmentation and CutMix draws.
         channels_last: train in channels-last memory format (faster on CPU; same maths).
+        compile: run the network's forward (and so its backward) through ``torch.compile``:
+            a one-off compile time (tens of seconds on CPU), then faster epochs; the same
+            maths up to float rounding. ``network`` itself is trained either way.
     """
     device = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -72,6 +76,7 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                           weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(lr_milestones),
                                                  gamma=lr_gamma)
+    forward = torch.compile(network) if compile else network
     n = images.shape[0]
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress or tqdm is None)
     correct = 0
@@ -85,7 +90,7 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                 x = augment(x, generator)
             if cutmix_p > 0 and float(torch.rand((), generator=generator)) < cutmix_p:
                 x, y = cutmix(x, y, num_classes, generator)
-            logits = network(x.contiguous(memory_format=memory_format))
+            logits = forward(x.contiguous(memory_format=memory_format))
             loss = soft_cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

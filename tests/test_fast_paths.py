@@ -244,3 +244,41 @@ def test_plm_chunked_expert_forward_gives_the_same_loss_and_gradient(toy, pool):
         torch.testing.assert_close(grad, results[0][1])
     with pytest.raises(Exception, match="chunk must be >= 1"):
         PseudoLabelMatching(pool, chunk=0)
+
+
+@pytest.mark.skipif(_cpp_compiler() is None, reason="no C++ compiler for torch.compile's inductor")
+def test_compiled_evaluation_training_equals_eager(toy, tiny_factory):
+    """``compile=True`` trains the same network (its own parameters, through torch.compile)
+    to the same weights up to float rounding."""
+    from dm_plugins.training import train_classifier
+    nets = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        net = tiny_factory()
+        train_classifier(net, toy.images, toy.labels, epochs=2, batch_size=8, lr=0.05,
+                         generator=torch.Generator().manual_seed(0), progress=False,
+                         compile=compile)
+        nets.append(net)
+    assert type(nets[1]) is type(nets[0])        # the module itself, not a compiled wrapper
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_eval_compile_reaches_the_training_loop(monkeypatch, tmp_path):
+    """``--eval-compile`` is recorded in the config and passed to every evaluation run."""
+    import baselines.harness.evaluation as evaluation
+    from baselines import dm
+    seen = []
+    real = evaluation.train_classifier
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["compile"])
+        return real(*args, **{**kwargs, "compile": False})
+    monkeypatch.setattr(evaluation, "train_classifier", spy)
+    out = tmp_path / "run"
+    assert dm.main(["--ipc", "1", "--iterations", "1", "--batch-real", "4", "--eval-runs", "2",
+                    "--eval-epochs", "1", "--no-progress", "--device", "cpu", "--eval-compile",
+                    "--out", str(out)]) == 0
+    import json
+    assert json.loads((out / "config.json").read_text())["eval_compile"] is True
+    assert seen == [True, True]

@@ -90,7 +90,7 @@ def save_synthetic(run_dir, dataset: Dataset, stored: torch.Tensor, *, ipc: int,
 def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor: int,
                     archs: list[str], runs: int, epochs: int, protocol: str, seed: int,
                     device: torch.device, progress: bool, channels_last: bool = False,
-                    log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+                    compile: bool = False, log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
                     gather: Callable[[object], list] | None = None) -> list[dict]:
     """Evaluate the stored synthetic images (normalised) on every architecture.
 
@@ -114,7 +114,7 @@ def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor:
             protocol=protocol, epochs=epochs, seed=seed, device=device,
             augment=DSA(flip=not dataset.is_digit_like), progress=progress,
             num_classes=dataset.num_classes, channels=dataset.channels,
-            image_size=dataset.image_size, channels_last=channels_last,
+            image_size=dataset.image_size, channels_last=channels_last, compile=compile,
             run_indices=run_indices)
 
     if world_size > 1:

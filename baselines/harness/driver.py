@@ -257,6 +257,9 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
            "see README benchmarks), off for CUDA")
     a("--compile", action="store_true",
       help="torch.compile the real-image forward (one-off compile time, faster iterations)")
+    a("--eval-compile", action="store_true",
+      help="torch.compile each evaluation network (about 20 s once per run on a CPU, then "
+           "faster epochs: 1.34 against 1.86 s an epoch on a 400-image set, 1 CPU thread)")
     a("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     a("--log-every", type=int, default=10, help="iterations between metrics.jsonl records")
     a("--no-progress", action="store_true", help="no progress bars")
@@ -347,7 +350,8 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
         "eval_runs": v["eval_runs"], "eval_epochs": v["eval_epochs"],
         "eval_arch": [s.strip() for s in v["eval_arch"].split(",") if s.strip()],
         "eval_protocol": v["eval_protocol"], "channels_last": v["channels_last"],
-        "compile": v["compile"], "checkpoint_every": v["checkpoint_every"],
+        "compile": v["compile"], "eval_compile": v["eval_compile"],
+        "checkpoint_every": v["checkpoint_every"],
         "log_every": v["log_every"],
     }
     for key, value in v.items():  # the method's own arguments
@@ -687,7 +691,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
             dataset, stored, ipc=config["ipc"], factor=config["factor"],
             archs=config["eval_arch"], runs=config["eval_runs"], epochs=config["eval_epochs"],
             protocol=config["eval_protocol"], seed=config["seed"], device=device,
-            progress=progress, channels_last=channels_last, log=log, rank=world.rank,
+            progress=progress, channels_last=channels_last,
+            compile=config.get("eval_compile", False), log=log, rank=world.rank,
             world_size=world.world_size, gather=distributed.all_gather_object)
         if not main_rank:
             return 0

@@ -69,7 +69,7 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
                    test_images: Tensor, test_labels: Tensor, protocol: Union[str, EvalProtocol],
                    generator: torch.Generator, device: Union[str, torch.device] = "cpu",
                    augment: Optional[DSA] = None, progress: bool = True, desc: str = "",
-                   channels_last: bool = False) -> float:
+                   channels_last: bool = False, compile: bool = False) -> float:
     """Train one fresh network on a synthetic set and return its final-epoch test accuracy (%).
 
     Args:
@@ -84,6 +84,7 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
             ``None`` means the default ``DSA()`` (pass ``DSA(flip=False)`` for digit-like data).
             Ignored when ``protocol.dsa`` is False.
         progress: show a tqdm bar over epochs.
+        compile: train through ``torch.compile`` (see :func:`dm_plugins.training.train_classifier`).
 
     Training: SGD(lr, momentum, weight_decay), lr x0.1 from epoch ``int(lr_drop_at*epochs)``,
     reshuffled batches of ``batch_size``, DSA then (with prob ``cutmix_p``) CutMix per batch.
@@ -101,7 +102,7 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
         batch_size=protocol.batch_size, lr_milestones=[drop_epoch] if drop_epoch > 0 else [],
         augment=augment.per_image if protocol.dsa else None, cutmix_p=protocol.cutmix_p,
         generator=generator, device=device, progress=progress, desc=desc or protocol.name,
-        channels_last=channels_last)
+        channels_last=channels_last, compile=compile)
     return accuracy(net, test_images.float(), test_labels, device)
 
 
@@ -120,7 +121,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                     augment: Optional[DSA] = None, progress: bool = True,
                     num_classes: Optional[int] = None, channels: Optional[int] = None,
                     image_size: Optional[int] = None, net_kwargs: Optional[dict] = None,
-                    channels_last: bool = False,
+                    channels_last: bool = False, compile: bool = False,
                     run_indices: Optional[Sequence[int]] = None) -> dict:
     """Evaluate a synthetic set: ``runs`` fresh networks, mean and std of final-epoch accuracy.
 
@@ -139,6 +140,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
             the second a CPU generator for shuffling, DSA and CutMix.
         augment: DSA for training (see :func:`train_and_test`).
         channels_last: train in channels-last memory format (faster on CPU; same maths).
+        compile: train each network through ``torch.compile`` (a one-off compile time per run,
+            then faster epochs; the same maths up to float rounding).
         run_indices: run only these of the ``runs`` runs (each still seeded by its own index,
             so the runs of a set split over processes give exactly the accuracies of one
             process running them all); the result then also holds ``run_indices`` and its
@@ -183,7 +186,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                                  dataset_test_labels, proto, generator, device=device,
                                  augment=augment, progress=progress,
                                  desc=f"{name} run {i + 1}/{runs}",
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, compile=compile)
         accuracies.append(acc)
     result = summarize_accuracies(accuracies, proto, runs)
     if run_indices is not None:
