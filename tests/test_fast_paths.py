@@ -100,18 +100,24 @@ def test_benchmark_chunk_sweep_prints_each_chunk(capsys):
             if line.startswith("| ") and line.split("|")[1].strip().isdigit()] == ["2", "5", "100"]
 
 
-def test_channels_last_training_equals_plain(toy, tiny_factory):
+def _trained_plain_and_with(toy, tiny_factory, **option):
+    """The same tiny network trained twice (same seeds), plainly and with ``option``; the
+    weights are checked equal up to float rounding; returns both networks."""
     from dm_plugins.training import train_classifier
     nets = []
-    for channels_last in (False, True):
+    for kwargs in ({}, option):
         torch.manual_seed(0)
         net = tiny_factory()
         train_classifier(net, toy.images, toy.labels, epochs=2, batch_size=8, lr=0.05,
-                         generator=torch.Generator().manual_seed(0), progress=False,
-                         channels_last=channels_last)
+                         generator=torch.Generator().manual_seed(0), progress=False, **kwargs)
         nets.append(net)
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    return nets
+
+
+def test_channels_last_training_equals_plain(toy, tiny_factory):
+    _trained_plain_and_with(toy, tiny_factory, channels_last=True)
 
 
 def test_default_run_names_are_not_reused(tmp_path):
@@ -250,18 +256,8 @@ def test_plm_chunked_expert_forward_gives_the_same_loss_and_gradient(toy, pool):
 def test_compiled_evaluation_training_equals_eager(toy, tiny_factory):
     """``compile=True`` trains the same network (its own parameters, through torch.compile)
     to the same weights up to float rounding."""
-    from dm_plugins.training import train_classifier
-    nets = []
-    for compile in (False, True):
-        torch.manual_seed(0)
-        net = tiny_factory()
-        train_classifier(net, toy.images, toy.labels, epochs=2, batch_size=8, lr=0.05,
-                         generator=torch.Generator().manual_seed(0), progress=False,
-                         compile=compile)
-        nets.append(net)
-    assert type(nets[1]) is type(nets[0])        # the module itself, not a compiled wrapper
-    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    plain, compiled = _trained_plain_and_with(toy, tiny_factory, compile=True)
+    assert type(compiled) is type(plain)          # the module itself, not a compiled wrapper
 
 
 def test_eval_compile_reaches_the_training_loop(monkeypatch, tmp_path):
