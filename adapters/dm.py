@@ -27,13 +27,13 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   batch_real: int, lr: float, momentum: float, factor: int, seed: int,
                   device: torch.device, dsa: bool = True, channels_last: bool = False,
                   compile_real: bool = False, real_chunk: int | None = None,
-                  syn_chunk: int | None = None, stage_timer=None,
+                  real_block: int | None = None, syn_chunk: int | None = None, stage_timer=None,
                   shard: ClassShard | None = None) -> DMHost:
     """A :class:`DMHost` over ``dataset.train`` (moved to ``device`` once, up front).
 
     ``syn_init`` are the stored images (normalised, sorted by class), factorised when
-    ``factor > 1``. ``real_chunk``, ``syn_chunk`` and ``stage_timer`` go to :class:`DMHost`
-    (None: the device's default chunks; no timing). ``shard``: optimise only the shard's
+    ``factor > 1``. ``real_chunk``, ``real_block``, ``syn_chunk`` and ``stage_timer`` go to
+    :class:`DMHost` (None: the device's defaults; no timing). ``shard``: optimise only the shard's
     classes (``syn_init`` holds only theirs; ``dataset.train`` may hold only their images, a
     :class:`dm_plugins.distributed.ShardedClassData`, else it is restricted here).
     """
@@ -49,6 +49,7 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,
                   batch_real=batch_real, lr=lr, momentum=momentum, seed=seed, device=device,
                   channels_last=channels_last, compile_real=compile_real,
-                  real_chunk=real_chunk, syn_chunk=syn_chunk, stage_timer=stage_timer,
+                  real_chunk=real_chunk, real_block=real_block, syn_chunk=syn_chunk,
+                  stage_timer=stage_timer,
                   extra={"method": "dm", "dataset": dataset.name, "factor": factor},
                   shard=shard)

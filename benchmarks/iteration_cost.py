@@ -8,8 +8,8 @@ so that drift in machine speed affects them alike) for:
 - ``naive``:      per-class DM as the original code does it (new network, per-class DSA,
                   per-class forwards), :func:`dm_plugins.reference.naive_dm_iteration`;
 - ``host-nchw``:  our batched DM host, default memory format, no plugins;
-- ``host-unchunked``: the host with the real and synthetic forwards in one batch each (the
-                  first round's host);
+- ``host-unchunked``: the host with the real and synthetic forwards in one batch each, all
+                  classes' real images at once (the first round's host);
 - ``host``:       our DM host with this machine's fast settings (channels-last, the real
                   forward in chunks of the device's default size, fused with the class means;
                   ``--compile`` adds torch.compile of the real forward), no plugins;
@@ -42,7 +42,8 @@ measurement behind :data:`dm_plugins.loop.DEFAULT_REAL_CHUNK`.
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
 reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
 largest peak over its iterations (it includes the process baseline: Python, torch, the data and
-every variant's small persistent state).
+every variant's small persistent state). The iteration memory is that peak minus the memory
+just before the iteration: what the iteration itself adds, comparable across ``--classes``.
 
 It prints a table and writes JSON. It measures; it asserts nothing about speed. The headline is
 the ratio of each variant to ``naive``, and ``all`` to ``host``.
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/iteration_cost-<device>.json)")
     p.add_argument("--synthetic-size", type=int, default=32, help="image size of the synthetic data")
     p.add_argument("--synthetic-per-class", type=int, default=300)
+    p.add_argument("--classes", type=int, default=10,
+                   help="number of classes of the synthetic data (100: CIFAR-100-sized)")
     p.add_argument("--syn-chunk", type=int, default=None,
                    help="synthetic-forward chunk of the DM host variants and PLM (activation "
                         "checkpointing; default: the device's, dm_plugins.chunking.DEFAULT_SYN_CHUNK)")
@@ -118,10 +121,12 @@ def load_data(args):
         return load_dataset(args.dataset, args.data_path)
     g = torch.Generator().manual_seed(args.seed)
     n, s = args.synthetic_per_class, args.synthetic_size
-    images = torch.randn(10 * n, 3, s, s, generator=g)
-    labels = torch.arange(10).repeat_interleave(n)
-    split = ClassIndexedTensors(images, labels, 10)
-    return Dataset("synthetic", split, split, (0.0,) * 3, (1.0,) * 3, [str(i) for i in range(10)])
+    k = args.classes
+    images = torch.randn(k * n, 3, s, s, generator=g)
+    labels = torch.arange(k).repeat_interleave(n)
+    split = ClassIndexedTensors(images, labels, k)
+    return Dataset(f"synthetic-{k}", split, split, (0.0,) * 3, (1.0,) * 3,
+                   [str(i) for i in range(k)])
 
 
 def random_experts(factory, num, seed):
@@ -192,6 +197,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                          channels_last=variant != "host-nchw",
                          compile_real=args.compile and not plain,
                          real_chunk=1 << 40 if plain else None,
+                         real_block=1 << 40 if plain else None,
                          syn_chunk=1 << 40 if plain else args.syn_chunk,
                          stage_timer=StageTimer(device))
     host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
@@ -205,17 +211,21 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
     steppers = {v: make_stepper(v, data, factory, experts, ipc, args, device) for v in variants}
     times = {v: [] for v in variants}
     peaks = {v: 0.0 for v in variants}
+    grown = {v: 0.0 for v in variants}
     for t in range(args.warmup + args.repeats):
         for v, (step, _, timer) in steppers.items():
             reset_peak_memory(device)
             sync(device)
+            before = peak_memory_mb(device)  # right after a reset: the current memory
             if timer is not None and t == args.warmup:
                 timer.reset()  # stages of the steady iterations only
             start = time.perf_counter()
             step(t)
             sync(device)
             times[v].append(time.perf_counter() - start)
-            peaks[v] = max(peaks[v], peak_memory_mb(device))
+            peak = peak_memory_mb(device)
+            peaks[v] = max(peaks[v], peak)
+            grown[v] = max(grown[v], peak - before)
     for _, close, _ in steppers.values():
         close()
     results = []
@@ -226,7 +236,8 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
                   if timer is not None else None)
         results.append({"variant": v, "ipc": ipc, "seconds_median": statistics.median(steady),
                         "seconds_min": min(steady), "seconds_all": steady,
-                        "peak_memory_mb": peaks[v], "stages": stages})
+                        "peak_memory_mb": peaks[v], "iteration_memory_mb": grown[v],
+                        "stages": stages})
     return results
 
 
@@ -267,7 +278,7 @@ def chunk_sweep(chunks, data, factory, args, device):
     """Median seconds of the no-graph real forward of ``batch_real`` images per class (DSA'd
     once, channels-last, one random extractor) at each chunk size, timed round-robin."""
     from dm_plugins import DMHost
-    from dm_plugins.loop import chunked_class_means
+    from dm_plugins.chunking import chunked_class_means
     from baselines.harness.dsa import DSA
     g = torch.Generator().manual_seed(0)
     syn = torch.cat([data.train.sample(c, 1, g) for c in range(data.num_classes)])
@@ -277,7 +288,7 @@ def chunk_sweep(chunks, data, factory, args, device):
     net = host.prepare_extractor(0)
     real, labels = host.real_batch(0)
     with torch.no_grad():
-        real = host._augment(real, labels, 0)
+        real = host._augment(real, labels, 0, host.classes)
         times = {c: [] for c in chunks}
         for t in range(args.warmup + args.repeats):
             for c in chunks:
@@ -331,7 +342,8 @@ def main(argv=None) -> int:
             rows.append(res)
             variant = res["variant"]
             print(f"  ipc {ipc:>3} {variant:<10} {res['seconds_median']:.3f} s/iter "
-                  f"(min {res['seconds_min']:.3f}), peak {res['peak_memory_mb']:.0f} MiB",
+                  f"(min {res['seconds_min']:.3f}), peak {res['peak_memory_mb']:.0f} MiB, "
+                  f"iteration {res['iteration_memory_mb']:.0f} MiB",
                   flush=True)
     for row in rows:
         base = {r["variant"]: r["seconds_median"] for r in rows if r["ipc"] == row["ipc"]}
@@ -339,17 +351,19 @@ def main(argv=None) -> int:
         row["ratio_to_host"] = row["seconds_median"] / base["host"] if "host" in base else None
 
     print()
-    print(f"dataset {data.name}, batch_real {args.batch_real}, factor {args.factor}, "
+    print(f"dataset {data.name} ({data.num_classes} classes), batch_real {args.batch_real}, "
+          f"factor {args.factor}, "
           f"DSA {'off' if args.no_dsa else 'on'}, device {device}, threads "
           f"{torch.get_num_threads()}, compile {args.compile}, median of {args.repeats} "
           f"after {args.warmup} warm-up")
-    print("| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) | "
+          "iteration memory (MiB) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         print(f"| {r['ipc']} | {r['variant']} | {r['seconds_median']:.3f} | "
               f"{fmt(r['ratio_to_naive'])} | {fmt(r['ratio_to_host'])} | "
-              f"{r['peak_memory_mb']:.0f} |")
+              f"{r['peak_memory_mb']:.0f} | {r['iteration_memory_mb']:.0f} |")
     staged = [r for r in rows if r["stages"]]
     if staged:
         print("\nStage breakdown, seconds per iteration (mean of the steady iterations):")

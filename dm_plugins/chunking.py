@@ -3,8 +3,10 @@
 A forward through a network whose output for one image does not depend on the rest of its batch
 (:func:`batch_independent`) can be split into chunks without changing the result:
 
-- the real forward (no graph): :func:`chunked_features`, or :func:`chunked_class_means`, which
-  folds each chunk's features into the class sums at once;
+- the real forward (no graph): :func:`chunked_features`, or :func:`chunked_class_sums` /
+  :func:`chunked_class_means`, which fold each chunk's features into the class sums at once;
+  a host also draws and augments its real images in blocks of whole classes
+  (:data:`DEFAULT_REAL_BLOCK`), so nothing of an iteration grows with the number of classes;
 - the synthetic forward (with graph): :func:`checkpointed_forward` keeps only the chunks' inputs
   and recomputes one chunk's activations at a time in the backward pass (activation
   checkpointing), so the graph of all synthetic images is never held at once. It costs one extra
@@ -55,19 +57,41 @@ def chunked_features(embed: Callable[[torch.Tensor], torch.Tensor], images: torc
     return torch.cat([embed(part) for part in images.split(chunk)])
 
 
-def chunked_class_means(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                        labels: torch.Tensor, num_classes: int, chunk: int) -> torch.Tensor:
-    """``class_means(embed(images), labels, num_classes)`` with the forward run ``chunk``
-    images at a time and each chunk's features folded into the class sums at once, so the
-    features of all images are never held together."""
-    sums = None
+def chunked_class_sums(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       labels: torch.Tensor, num_classes: int, chunk: int,
+                       sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Add each image's ``embed`` features into ``sums[label]`` and return ``sums`` (a new
+    (num_classes, D) zero tensor when None). The forward runs ``chunk`` images at a time and each
+    chunk's features are folded in at once, so the features of all images are never held
+    together; a caller streaming blocks of images passes the same ``sums`` to every call."""
     for part, part_labels in zip(images.split(chunk), labels.split(chunk)):
         features = embed(part)
         if sums is None:
             sums = features.new_zeros(num_classes, features.shape[1])
         sums.index_add_(0, part_labels, features)
+    return sums
+
+
+def chunked_class_means(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        labels: torch.Tensor, num_classes: int, chunk: int) -> torch.Tensor:
+    """``class_means(embed(images), labels, num_classes)`` through :func:`chunked_class_sums`."""
+    sums = chunked_class_sums(embed, images, labels, num_classes, chunk)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
     return sums / counts.unsqueeze(1).to(sums)
+
+
+DEFAULT_REAL_BLOCK = {"cpu": 4096, "cuda": 16384}
+"""At most this many real images (whole classes, at least one) are drawn, augmented and
+forwarded at a time per device type (:class:`dm_plugins.loop.DMHost`), so an iteration's memory
+does not grow with the number of classes: CIFAR-10 at 256 images per class (2,560) is one block,
+CIFAR-100 (25,600) is seven. Blocks change no number (the augmentation draws are made for every
+class and picked by class). Neither value is tuned for speed: a block of 4,096 CIFAR-sized
+images holds about 100 MB (the images and their augmented copy)."""
+
+
+def default_real_block(device: str | torch.device) -> int:
+    """The real-block size (images) a host uses on ``device`` unless told otherwise."""
+    return DEFAULT_REAL_BLOCK.get(torch.device(device).type, DEFAULT_REAL_BLOCK["cuda"])
 
 
 DEFAULT_SYN_CHUNK = {"cpu": 128, "cuda": 1 << 62}

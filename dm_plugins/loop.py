@@ -6,23 +6,25 @@ augmentation; loss ``sum_c || mean f(real_c) - mean f(syn_c) ||^2`` (sum over fe
 dimensions); one SGD step on the synthetic images.
 
 It computes all classes in one batch rather than class by class (the original code's loop):
-one augmentation call for the real images of every class and one for the synthetic images, each
-drawing one parameter set per class from identically seeded generators, so class c's real and
-synthetic images share a transform exactly as in the per-class loop; one forward of all real
-images without a graph; one forward/backward of all synthetic images. The per-class loss terms
-are unchanged, so the loss and gradient equal the per-class computation (tested against
-:func:`dm_plugins.reference.naive_dm_loss`).
+one augmentation call for the synthetic images of every class and one for the real images of
+every class (or of each block of classes, when there are more real images than ``real_block``),
+each drawing one parameter set per class from identically seeded generators, so class c's real
+and synthetic images share a transform exactly as in the per-class loop; forwards of the real
+images without a graph, in chunks; one forward/backward of all synthetic images (in
+checkpointed chunks). The per-class loss terms are unchanged, so the loss and gradient equal the
+per-class computation (tested against :func:`dm_plugins.reference.naive_dm_loss`).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .chunking import (batch_independent, checkpointed_forward, chunk_for, chunked_class_means,
-                       chunked_features, default_real_chunk, default_syn_chunk)
+from .chunking import (batch_independent, checkpointed_forward, chunk_for, chunked_class_sums,
+                       chunked_features, default_real_block, default_real_chunk,
+                       default_syn_chunk)
 from .context import DistillContext
 from .experts import build_network
 from .data import ClassIndexedData
@@ -42,9 +44,11 @@ Augment = Callable[..., torch.Tensor]
 """``augment(images, groups, generator)``: Siamese augmentation, one parameter draw per group
 id (0..G-1); the draws must depend only on the generator state and the group ids present, not
 on how many images each group has (the DSA in ``baselines/harness/dsa.py`` satisfies this).
-A class-sharded host (``shard=``) calls ``augment(images, groups, generator, num_groups=C)``:
-the draws must then be made for all C groups and picked by group id, so that a class gets the
-same draw whichever other classes the process holds (``DSA.siamese`` accepts ``num_groups``)."""
+When the images passed hold only some of the C classes (a class-sharded host, ``shard=``, or a
+dataset with more real images an iteration than ``real_block``) the host calls
+``augment(images, groups, generator, num_groups=C)``: the draws must then be made for all C
+groups and picked by group id, so that a class gets the same draw whichever other classes the
+call holds (``DSA.siamese`` accepts ``num_groups``)."""
 
 Decode = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``decode(stored, labels) -> (images, labels)``: e.g. factorisation; identity when None."""
@@ -83,6 +87,13 @@ class DMHost:
             chunks are also faster on CPU: the activations stay in cache). Networks whose
             forward couples the images of a batch (BatchNorm in training mode) are run on the
             whole real batch at once instead, so chunking never changes the result.
+        real_block: the real images of an iteration are drawn, augmented and forwarded in
+            blocks of whole classes of at most this many images (at least one class), their
+            features folded into class sums block by block, so an iteration's memory does not
+            grow with the number of classes. None: :func:`dm_plugins.chunking.default_real_block`
+            (4,096 on CPU: CIFAR-10 at 256 images per class is one block, CIFAR-100 seven).
+            Same result: augmentation draws are made for every class and picked by class (see
+            :data:`Augment`). Networks with BatchNorm in training mode get one block.
         syn_chunk: the synthetic forward (with graph) runs in chunks of at most this many images
             under activation checkpointing (:func:`dm_plugins.chunking.checkpointed_forward`):
             memory for one chunk's activations instead of all, for one extra forward. None:
@@ -104,13 +115,14 @@ class DMHost:
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  compile_real: bool = False, real_chunk: int | None = None,
-                 syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
+                 real_block: int | None = None, syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
                  extra: dict | None = None, shard: ClassShard | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
         self.device = torch.device(device)
         real_chunk = default_real_chunk(self.device) if real_chunk is None else real_chunk
         syn_chunk = default_syn_chunk(self.device) if syn_chunk is None else syn_chunk
+        real_block = default_real_block(self.device) if real_block is None else real_block
         if shard is not None and shard.num_classes != self.num_classes:
             raise ValueError(f"DMHost: the shard splits {shard.num_classes} classes, the real "
                              f"data has {self.num_classes}")
@@ -118,7 +130,7 @@ class DMHost:
         self.classes = shard.classes if shard is not None else range(self.num_classes)
         self.ipc = check_host_args("DMHost", syn_init, len(self.classes), positive={
             "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk,
-            "syn_chunk": syn_chunk})
+            "real_block": real_block, "syn_chunk": syn_chunk})
         self.num_iterations = int(num_iterations)
         self.plugins = plugins if plugins is not None else PluginSet()
         self.augment = augment
@@ -139,6 +151,7 @@ class DMHost:
         self.compile_real = bool(compile_real)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
+        self.real_block = int(real_block)
         self.syn_chunk = int(syn_chunk)
         self.stage = stage_timer if stage_timer is not None else StageTimer(enabled=False)
         self.iteration = 0
@@ -161,16 +174,38 @@ class DMHost:
             self._compiled[net] = torch.compile(net.embed)
         return self._compiled[net]
 
-    def real_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The real batches of iteration t of the host's classes, concatenated, and their
-        labels. Every class's batch is drawn, in class order from one generator, so a sharded
-        host's classes get the single-process batches; the others are dropped."""
+    def real_class_blocks(self, net: nn.Module) -> list[range]:
+        """The host's classes in blocks of at most ``real_block`` real images (whole classes,
+        at least one a block), or one block when ``net`` couples a batch's images."""
+        per_block = max(1, chunk_for(net, self.real_block) // self.batch_real)
+        first, stop = self.classes.start, self.classes.stop
+        return [range(c, min(c + per_block, stop)) for c in range(first, stop, per_block)]
+
+    def real_batches(self, t: int, blocks: list[range]
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, range]]:
+        """The real batches of iteration t, one block of classes at a time: ``(images, labels,
+        block)``. Every class's batch is drawn in class order from one generator, whatever the
+        blocks, so a sharded or blocked host's classes get the single-process batches (the
+        batches of classes in no block are drawn and dropped); a block is drawn only when the
+        previous one has been consumed."""
         g = make_generator(self.seed, _REAL_STREAM, t)
-        batches = [self.real.sample(c, self.batch_real, g) for c in range(self.num_classes)]
-        batches = batches[self.classes.start:self.classes.stop]
-        labels = torch.cat([torch.full((b.shape[0],), c, dtype=torch.long)
-                            for c, b in zip(self.classes, batches)])
-        return torch.cat(batches).to(self.device), labels.to(self.device)
+        next_class = 0
+        for block in blocks:
+            pending = []
+            for c in range(next_class, block.stop):
+                batch = self.real.sample(c, self.batch_real, g)
+                if c >= block.start:
+                    pending.append(batch)
+            next_class = block.stop
+            labels = torch.cat([torch.full((b.shape[0],), c, dtype=torch.long)
+                                for c, b in zip(block, pending)])
+            yield torch.cat(pending).to(self.device), labels.to(self.device), block
+
+    def real_batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real batches of iteration t of all the host's classes at once, concatenated,
+        and their labels (what :meth:`real_batches` yields for one block)."""
+        images, labels, _ = next(self.real_batches(t, [self.classes]))
+        return images, labels
 
     def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded synthetic images (with graph to the stored ones) and their labels."""
@@ -178,10 +213,12 @@ class DMHost:
             return self.syn, self.syn_labels
         return self.decode(self.syn, self.syn_labels)
 
-    def _augment(self, x: torch.Tensor, groups: torch.Tensor, t: int) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, groups: torch.Tensor, t: int,
+                 classes: range) -> torch.Tensor:
+        """Iteration t's Siamese draw for images of ``classes`` (see :data:`Augment`)."""
         if self.augment is not None:
             g = make_generator(self.seed, _AUG_STREAM, t)
-            x = (self.augment(x, groups, g) if self.shard is None else
+            x = (self.augment(x, groups, g) if len(classes) == self.num_classes else
                  self.augment(x, groups, g, num_groups=self.num_classes))
         return x.contiguous(memory_format=self.memory_format)
 
@@ -190,32 +227,47 @@ class DMHost:
         stage = self.stage
         with stage("extractor"):
             net = self.prepare_extractor(t)
-        with stage("real_batch"):
-            real, real_labels = self.real_batch(t)
-        with torch.no_grad():
-            with stage("augment_real"):
-                real_aug = self._augment(real, real_labels, t)
-            with stage("real_forward"):
-                if self.plugins.filters_real:
-                    real_features = chunked_features(self._real_embedding(net), real_aug,
-                                                     chunk_for(net, self.real_chunk))
-                else:  # fused: class sums chunk by chunk, features never held at once
-                    real_mean = chunked_class_means(self._real_embedding(net), real_aug,
-                                                    real_labels, self.num_classes,
-                                                    chunk_for(net, self.real_chunk))
         with stage("synthetic_forward"):
             syn, syn_labels = self.synthetic_batch()
-            syn_aug = self._augment(syn, syn_labels, t)
+            syn_aug = self._augment(syn, syn_labels, t, self.classes)
             syn_features = checkpointed_forward(net.embed, syn_aug,
                                                 chunk_for(net, self.syn_chunk))
 
-        kept = real_labels
-        if self.plugins.filters_real:
-            with stage("cap"):
-                keep = self.plugins.batched_keep_mask(real_features, real_labels, syn_features,
-                                                      syn_labels, t)
-                kept = real_labels[keep]
-                real_mean = class_means(real_features[keep], kept, self.num_classes)
+        embed, chunk = self._real_embedding(net), chunk_for(net, self.real_chunk)
+        real_sums, counts = None, torch.zeros(self.num_classes, dtype=torch.long,
+                                              device=self.device)
+        drawn = 0
+        batches = self.real_batches(t, self.real_class_blocks(net))
+        while True:
+            with stage("real_batch"):
+                item = next(batches, None)
+            if item is None:
+                break
+            real, labels, block = item
+            drawn += labels.numel()
+            with torch.no_grad():
+                with stage("augment_real"):
+                    real_aug = self._augment(real, labels, t, block)
+                del real
+                if not self.plugins.filters_real:  # fused: features never held at once
+                    with stage("real_forward"):
+                        real_sums = chunked_class_sums(embed, real_aug, labels,
+                                                       self.num_classes, chunk, real_sums)
+                else:
+                    with stage("real_forward"):
+                        features = chunked_features(embed, real_aug, chunk)
+            if self.plugins.filters_real:
+                with stage("cap"):
+                    in_block = (syn_labels >= block.start) & (syn_labels < block.stop)
+                    keep = self.plugins.batched_keep_mask(
+                        features, labels, syn_features[in_block], syn_labels[in_block], t)
+                    features, labels = features[keep], labels[keep]
+                    if real_sums is None:
+                        real_sums = features.new_zeros(self.num_classes, features.shape[1])
+                    real_sums.index_add_(0, labels, features)
+            counts += torch.bincount(labels, minlength=self.num_classes)
+        real_mean = real_sums / counts.clamp_min(1).unsqueeze(1).to(real_sums)
+        kept = int(counts.sum())
         syn_mean = class_means(syn_features, syn_labels, self.num_classes)
         match = ((real_mean - syn_mean) ** 2).sum()
 
@@ -225,14 +277,14 @@ class DMHost:
         if self.shard is not None:  # every rank gets the sums over all classes
             values = self.shard.sum([float(total.detach()), float(match.detach()),
                                      *(float(v.detach()) for v in parts.values()),
-                                     kept.numel(), real_labels.numel()])
+                                     kept, drawn])
             metrics = {"loss": values[0], "loss_match": values[1],
                        **{f"loss_{name}": v for name, v in zip(parts, values[2:])},
                        "real_kept": values[-2] / max(values[-1], 1)}
             return total, metrics
         metrics = {"loss": float(total.detach()), "loss_match": float(match.detach()),
                    **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
-                   "real_kept": kept.numel() / max(real_labels.numel(), 1)}
+                   "real_kept": kept / max(drawn, 1)}
         return total, metrics
 
     def step(self, t: int | None = None) -> dict:

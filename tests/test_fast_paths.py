@@ -21,14 +21,46 @@ def _loss_and_grad(toy, factory, pool, spec, **options):
 @pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
 @pytest.mark.parametrize("options", [{"channels_last": True}, {"real_chunk": 4},
                                      {"channels_last": True, "real_chunk": 5},
-                                     {"syn_chunk": 1}, {"syn_chunk": 4, "real_chunk": 3}],
-                         ids=["channels-last", "chunked", "both", "syn-chunked", "all-chunked"])
+                                     {"syn_chunk": 1}, {"syn_chunk": 4, "real_chunk": 3},
+                                     {"real_block": 7}, {"real_block": 14, "real_chunk": 3}],
+                         ids=["channels-last", "chunked", "both", "syn-chunked", "all-chunked",
+                              "class-blocks", "class-blocks-chunked"])
 def test_fast_options_equal_plain(toy, tiny_factory, pool, spec, options):
     loss, grad, metrics = _loss_and_grad(toy, tiny_factory, pool, spec)
     fast_loss, fast_grad, fast_metrics = _loss_and_grad(toy, tiny_factory, pool, spec, **options)
     torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast_grad, grad, rtol=1e-4, atol=1e-6)
     assert fast_metrics["real_kept"] == metrics["real_kept"]
+
+
+def test_real_class_blocks_bound_what_one_augmentation_call_holds(toy, tiny_factory, pool):
+    """With real_block = one class's batch, the real images reach the augmentation one class at
+    a time (with num_groups = C, so each keeps its draw) and the DSA'd result equals one block."""
+    from baselines.harness.dsa import DSA
+    dsa = DSA(flip=False)
+    calls = []
+
+    def spy(x, groups, generator, num_groups=None):
+        calls.append((x.shape[0], num_groups))
+        return dsa.siamese(x, groups, generator, num_groups)
+
+    def run(**options):
+        calls.clear()
+        g = torch.Generator().manual_seed(1)
+        syn = torch.cat([toy.sample(c, 2, g) for c in range(3)])
+        host = DMHost(toy, tiny_factory, syn, num_iterations=10, augment=spy, batch_real=7,
+                      seed=5, plugins=PluginSet.from_names("cap", experts=pool), **options)
+        loss, metrics = host.compute_loss(6)
+        loss.backward()
+        return loss.detach(), host.syn.grad.clone(), metrics, list(calls)
+
+    loss, grad, metrics, whole = run()
+    assert whole == [(6, None), (21, None)]               # synthetic, then all real at once
+    b_loss, b_grad, b_metrics, blocked = run(real_block=7)
+    assert blocked == [(6, None), (7, 3), (7, 3), (7, 3)]  # then one class a call
+    torch.testing.assert_close(b_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_grad, grad, rtol=1e-4, atol=1e-6)
+    assert b_metrics["real_kept"] == metrics["real_kept"] < 1
 
 
 def _cpp_compiler():
