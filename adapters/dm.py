@@ -26,13 +26,14 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   syn_init: torch.Tensor, *, plugins: PluginSet, iterations: int,
                   batch_real: int, lr: float, momentum: float, factor: int, seed: int,
                   device: torch.device, dsa: bool = True, channels_last: bool = False,
-                  compile_real: bool = False, real_chunk: int | None = None,
+                  compile_real: bool = False, compile_syn: bool = False,
+                  real_chunk: int | None = None,
                   real_block: int | None = None, syn_chunk: int | None = None, stage_timer=None,
                   shard: ClassShard | None = None) -> DMHost:
     """A :class:`DMHost` over ``dataset.train`` (moved to ``device`` once, up front).
 
     ``syn_init`` are the stored images (normalised, sorted by class), factorised when
-    ``factor > 1``. ``real_chunk``, ``real_block``, ``syn_chunk`` and ``stage_timer`` go to
+    ``factor > 1``. ``compile_real``, ``compile_syn``, ``real_chunk``, ``real_block``, ``syn_chunk`` and ``stage_timer`` go to
     :class:`DMHost` (None: the device's defaults; no timing). ``shard``: optimise only the shard's
     classes (``syn_init`` holds only theirs; ``dataset.train`` may hold only their images, a
     :class:`dm_plugins.distributed.ShardedClassData`, else it is restricted here).
@@ -49,6 +50,7 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                   augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,
                   batch_real=batch_real, lr=lr, momentum=momentum, seed=seed, device=device,
                   channels_last=channels_last, compile_real=compile_real,
+                  compile_syn=compile_syn,
                   real_chunk=real_chunk, real_block=real_block, syn_chunk=syn_chunk,
                   stage_timer=stage_timer,
                   extra={"method": "dm", "dataset": dataset.name, "factor": factor},

@@ -61,6 +61,7 @@ def build_host(dataset, network_factory, syn_init, plugins, config, device, chan
                          lr=config["lr_img"], momentum=config["momentum"],
                          factor=config["factor"], seed=config["seed"], device=device,
                          dsa=config["dsa"], compile_real=config["compile"],
+                         compile_syn=config["compile"],
                          channels_last=channels_last, shard=shard)
 
 

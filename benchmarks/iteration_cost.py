@@ -12,7 +12,8 @@ so that drift in machine speed affects them alike) for:
                   classes' real images at once (the first round's host);
 - ``host``:       our DM host with this machine's fast settings (channels-last, the real
                   forward in chunks of the device's default size, fused with the class means;
-                  ``--compile`` adds torch.compile of the real forward), no plugins;
+                  ``--compile`` adds torch.compile of the real and synthetic forwards and of
+                  PLM's expert forward), no plugins;
 - ``cap``, ``ptm``, ``plm``: that host with one plugin; ``all``: with cap, ptm and plm;
 - ``idm``:        IDM (``adapters/idm.py``, channels-last) with its own queue settings: one
                   matching net, per-class image steps, then 2 queue nets trained 10 steps on 256
@@ -73,6 +74,7 @@ PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host":
            "ptlm-preset": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
            "dance": "none", "dance+all": "cap,ptm,plm"}
 PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
+NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked")  # the references stay eager
 STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
           "auxiliary_losses", "backward", "optimizer_step")
 
@@ -94,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--num-experts", type=int, default=5)
     p.add_argument("--experts", default=None, help="a trained expert directory (optional)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the real forward in host variants")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the real forward, the synthetic forward and PLM's expert "
+                        "in the DM host variants (not host-nchw/host-unchunked); the compile "
+                        "time shows as the first iteration's excess over the steady median")
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -170,7 +175,9 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
         return step, lambda: None, None
     # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
     plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False,
-                                   chunk=args.syn_chunk)
+                                   chunk=args.syn_chunk,
+                                   compile=args.compile and variant not in NEVER_COMPILED
+                                   and not variant.startswith(("idm", "dance")))
     if variant.startswith("idm"):
         from adapters.idm import build_idm_host
         host = build_idm_host(data, factory, syn_init, plugins=plugins, factor=args.factor,
@@ -189,13 +196,14 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
         host.start()
         return host.step, host.close, None
     from dm_plugins.profiling import StageTimer
-    plain = variant in ("host-nchw", "host-unchunked")
+    plain = variant in NEVER_COMPILED
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
                          lr=1.0, momentum=0.5, factor=factor, seed=args.seed,
                          device=device, dsa=not args.no_dsa,
                          channels_last=variant != "host-nchw",
                          compile_real=args.compile and not plain,
+                         compile_syn=args.compile and not plain,
                          real_chunk=1 << 40 if plain else None,
                          real_block=1 << 40 if plain else None,
                          syn_chunk=1 << 40 if plain else args.syn_chunk,
@@ -236,6 +244,7 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
                   if timer is not None else None)
         results.append({"variant": v, "ipc": ipc, "seconds_median": statistics.median(steady),
                         "seconds_min": min(steady), "seconds_all": steady,
+                        "first_iteration_s": times[v][0],
                         "peak_memory_mb": peaks[v], "iteration_memory_mb": grown[v],
                         "stages": stages})
     return results
@@ -364,6 +373,13 @@ def main(argv=None) -> int:
         print(f"| {r['ipc']} | {r['variant']} | {r['seconds_median']:.3f} | "
               f"{fmt(r['ratio_to_naive'])} | {fmt(r['ratio_to_host'])} | "
               f"{r['peak_memory_mb']:.0f} | {r['iteration_memory_mb']:.0f} |")
+    if args.compile:
+        print("\nCompile time (first iteration minus the steady median; the warm-up iteration "
+              "of each variant compiles):")
+        for r in rows:
+            if r["variant"] not in NEVER_COMPILED and not r["variant"].startswith(("idm", "dance")):
+                print(f"  ipc {r['ipc']:>3} {r['variant']:<12} "
+                      f"{r['first_iteration_s'] - r['seconds_median']:.1f} s")
     staged = [r for r in rows if r["stages"]]
     if staged:
         print("\nStage breakdown, seconds per iteration (mean of the steady iterations):")

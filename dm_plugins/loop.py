@@ -80,6 +80,9 @@ class DMHost:
             and pooling on CPU; same numbers up to float rounding, tested).
         compile_real: ``torch.compile`` the real-image forward (no graph; the largest cost of
             an iteration). Pays a one-off compile time; same numbers up to float rounding.
+        compile_syn: ``torch.compile`` the synthetic-image forward (with graph, so its backward
+            too), chunks included. Same terms as ``compile_real``; the two share one compiled
+            ``embed`` per network (graphs with and without autograd are compiled apart).
         real_chunk: the real forward runs in chunks of at most this many images, fused with
             the class-mean accumulation, so the activations of all real images are never held
             at once and memory does not grow with the number of classes (CIFAR-100: 25,600
@@ -114,8 +117,8 @@ class DMHost:
                  augment: Augment | None = None, decode: Decode | None = None,
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 compile_real: bool = False, real_chunk: int | None = None,
-                 real_block: int | None = None, syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
+                 compile_real: bool = False, compile_syn: bool = False,
+                 real_chunk: int | None = None, real_block: int | None = None, syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
                  extra: dict | None = None, shard: ClassShard | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
@@ -149,6 +152,7 @@ class DMHost:
             raise ValueError("DMHost: a class-sharded host needs a network whose forward treats "
                              "images independently (no BatchNorm in training mode)")
         self.compile_real = bool(compile_real)
+        self.compile_syn = bool(compile_syn)
         self._compiled: dict[nn.Module, Callable] = {}
         self.real_chunk = int(real_chunk)
         self.real_block = int(real_block)
@@ -165,10 +169,9 @@ class DMHost:
         return self.plugins.extractor(t, fallback=lambda: reinitialize_(
             self.extractor, derive_seed(self.seed, _NET_STREAM, t)))
 
-    def _real_embedding(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``net.embed`` for the no-graph real forward, compiled once per network when
-        ``compile_real`` is on."""
-        if not self.compile_real:
+    def _embedding(self, net: nn.Module, compiled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``net.embed``, or its ``torch.compile`` (made once per network) when ``compiled``."""
+        if not compiled:
             return net.embed
         if net not in self._compiled:
             self._compiled[net] = torch.compile(net.embed)
@@ -230,10 +233,10 @@ class DMHost:
         with stage("synthetic_forward"):
             syn, syn_labels = self.synthetic_batch()
             syn_aug = self._augment(syn, syn_labels, t, self.classes)
-            syn_features = checkpointed_forward(net.embed, syn_aug,
+            syn_features = checkpointed_forward(self._embedding(net, self.compile_syn), syn_aug,
                                                 chunk_for(net, self.syn_chunk))
 
-        embed, chunk = self._real_embedding(net), chunk_for(net, self.real_chunk)
+        embed, chunk = self._embedding(net, self.compile_real), chunk_for(net, self.real_chunk)
         real_sums, counts = None, torch.zeros(self.num_classes, dtype=torch.long,
                                               device=self.device)
         drawn = 0

@@ -109,13 +109,16 @@ class PseudoLabelMatching:
         chunk: the expert's forward on the synthetic images runs in chunks of at most this many
             images under activation checkpointing (bounded memory, one extra forward; same
             loss). None: :func:`dm_plugins.chunking.default_syn_chunk` of the device.
+        compile: run that forward (and so its backward) through ``torch.compile``, compiled
+            once per expert network: a one-off compile time, then faster iterations; the same
+            loss up to float rounding.
     """
 
     name = "plm"
     needs_experts = True
 
     def __init__(self, experts=None, tau: float = 0.1, max_real_per_class: int = 500,
-                 lazy: bool = True, chunk: int | None = None):
+                 lazy: bool = True, chunk: int | None = None, compile: bool = False):
         if experts is None:
             raise PluginError("plugin 'plm' needs an expert pool: pass experts=ExpertPool(...), "
                               "e.g. from ExpertPool.load_or_train")
@@ -130,6 +133,8 @@ class PseudoLabelMatching:
         if chunk is not None and int(chunk) < 1:
             raise PluginError(f"plm's chunk must be >= 1, got {chunk}")
         self.chunk = None if chunk is None else int(chunk)
+        self.compile = bool(compile)
+        self._compiled: dict[torch.nn.Module, object] = {}  # expert network -> compiled forward
         self.targets: dict[int, torch.Tensor] = {}  # expert index -> (K, K) sharpened targets
         self.context = None
 
@@ -168,7 +173,12 @@ class PseudoLabelMatching:
         targets = self.pseudo_labels(k).to(syn_images.device)
         network = self.experts.trained_network(k, syn_images.device, self.context.memory_format)
         chunk = default_syn_chunk(syn_images.device) if self.chunk is None else self.chunk
-        logits = checkpointed_forward(network, syn_images, chunk_for(network, chunk))
+        forward = network
+        if self.compile:
+            if network not in self._compiled:
+                self._compiled[network] = torch.compile(network)
+            forward = self._compiled[network]
+        logits = checkpointed_forward(forward, syn_images, chunk_for(network, chunk))
         return {"plm": pseudo_label_loss(logits, syn_labels, targets)}
 
     @hookimpl

@@ -6,10 +6,10 @@ from dm_plugins import DMHost, PluginSet
 from tests.conftest import group_scale_augment
 
 
-def _loss_and_grad(toy, factory, pool, spec, **options):
+def _loss_and_grad(toy, factory, pool, spec, plugin_options=None, **options):
     g = torch.Generator().manual_seed(1)
     syn = torch.cat([toy.sample(c, 2, g) for c in range(3)])
-    plugins = PluginSet.from_names(spec, experts=pool)
+    plugins = PluginSet.from_names(spec, experts=pool, **(plugin_options or {}))
     host = DMHost(toy, factory, syn, num_iterations=10, plugins=plugins,
                   augment=group_scale_augment, batch_real=7, seed=5, **options)
     loss, metrics = host.compute_loss(6)
@@ -71,11 +71,13 @@ def _cpp_compiler():
 
 
 @pytest.mark.skipif(_cpp_compiler() is None, reason="no C++ compiler for torch.compile's inductor")
-def test_compiled_real_forward_equals_eager(toy, tiny_factory, pool):
-    """Skipped only when the precondition (a C++ compiler) is missing; any other failure of the
-    compiled path fails the test."""
-    loss, grad, _ = _loss_and_grad(toy, tiny_factory, pool, "none")
-    fast_loss, fast_grad, _ = _loss_and_grad(toy, tiny_factory, pool, "none", compile_real=True)
+def test_compiled_forwards_equal_eager(toy, tiny_factory, pool):
+    """The real forward, the synthetic forward (chunked, with its backward) and PLM's expert,
+    all compiled. Skipped only when the precondition (a C++ compiler) is missing; any other
+    failure of the compiled path fails the test."""
+    loss, grad, _ = _loss_and_grad(toy, tiny_factory, pool, "plm", syn_chunk=4)
+    fast_loss, fast_grad, _ = _loss_and_grad(toy, tiny_factory, pool, "plm", {"compile": True},
+                                             compile_real=True, compile_syn=True, syn_chunk=4)
     torch.testing.assert_close(fast_loss, loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_grad, grad, rtol=1e-3, atol=1e-5)
 

@@ -189,25 +189,56 @@ def test_channels_last_switch(toy, tiny_factory, channels_last):
     assert w.is_contiguous() == (not channels_last)
 
 
-@pytest.mark.parametrize("compile_real", [False, True])
-def test_compile_real_compiles_the_real_forward_once_per_network(toy, tiny_factory, monkeypatch,
-                                                                 compile_real):
-    compiled = []
+@pytest.mark.parametrize("compile_real,compile_syn",
+                         [(False, False), (True, False), (False, True), (True, True)])
+def test_compile_options_compile_the_forward_once_per_network(toy, tiny_factory, monkeypatch,
+                                                              compile_real, compile_syn):
+    compiled, calls = [], []
 
     def fake_compile(fn):
         compiled.append(fn)
-        return fn
+
+        def recorded(x):
+            calls.append(torch.is_grad_enabled())
+            return fn(x)
+        return recorded
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     host = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=3, batch_real=2,
-                  compile_real=compile_real)
-    assert host.compile_real is compile_real
+                  compile_real=compile_real, compile_syn=compile_syn)
+    assert (host.compile_real, host.compile_syn) == (compile_real, compile_syn)
     host.compute_loss(0)
     host.compute_loss(1)                        # same (re-initialised) network: no recompile
-    if compile_real:
-        assert compiled == [host.extractor.embed]
-    else:
-        assert compiled == []
+    assert compiled == ([host.extractor.embed] if compile_real or compile_syn else [])
+    # the compiled forward serves exactly the paths asked for: real (no graph), synthetic (graph)
+    assert (False in calls, True in calls) == (compile_real, compile_syn)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_plm_compile_compiles_each_expert_network_once(toy, tiny_factory, pool, monkeypatch,
+                                                       compile):
+    from dm_plugins import PluginSet
+    compiled, calls = [], []
+
+    def fake_compile(fn):
+        compiled.append(fn)
+
+        def recorded(x):
+            calls.append(fn)
+            return fn(x)
+        return recorded
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plugins = PluginSet.from_names("plm", experts=pool, compile=compile)
+    host = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=4, batch_real=2,
+                  plugins=plugins)
+    for t in range(4):                          # pick(t) visits both experts
+        host.compute_loss(t)
+    experts = {pool.trained_network(k, host.device, host.memory_format) for k in range(2)}
+    used = {pool.trained_network(pool.pick(t), host.device, host.memory_format) for t in range(4)}
+    assert len(used) == 2 and used <= experts
+    assert (sorted(map(id, compiled)), set(map(id, calls))) == (
+        (sorted(map(id, used)), set(map(id, used))) if compile else ([], set()))
 
 
 # -- metrics -----------------------------------------------------------------------------------
