@@ -29,12 +29,16 @@ so that drift in machine speed affects them alike) for:
   ``ptlm-preset``: what a PTLM user runs: the host at factor 2 with cap, ptm and plm
                   (both ignore ``--factor``; their ratio is the price of PTLM).
 
-Stage breakdown: for the DM host variants (not ``naive``, IDM or DANCE) each stage of the steady
+Stage breakdown: for the DM host variants (not ``naive``) each stage of the steady
 iterations is timed (:class:`dm_plugins.profiling.StageTimer`; on CUDA it synchronises around
 each stage) and printed as seconds per iteration: extractor (PTM's interpolation or a fresh
 random network), real batch sampling, real augmentation, real forward, synthetic decode +
 augmentation + forward, cap's filter, auxiliary losses (PLM's expert forward), backward (of the
-matching and auxiliary losses together), optimiser step.
+matching and auxiliary losses together), optimiser step. IDM and DANCE get a table each with
+their own stages (:data:`METHOD_STAGES`): IDM's extractor, real pass (real batches, DSA and
+forward), class losses (synthetic path, CE and plugin losses), matching passes (those two plus
+the per-class backward and image step) and queue training; DANCE's extractor (the middle model,
+or PTM's), inner-class losses, inter-class losses (CE, or PLM) and image steps (backward + step).
 
 ``--chunk-sweep 8,16,32,...`` times only the no-graph real forward of ``batch_real`` images per
 class under a random extractor at each chunk size (round-robin, median) and prints it: the
@@ -77,6 +81,29 @@ PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
 NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked")  # the references stay eager
 STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
           "auxiliary_losses", "backward", "optimizer_step")
+METHOD_STAGES = {
+    # stage -> the host method timed (inclusive wall time of its calls in an iteration)
+    "idm": {"extractor": "matching_extractor", "real_pass": "prepare_pass",
+            "class_losses": "class_loss", "matching_passes": "matching_pass",
+            "queue_training": "train_queue"},
+    "dance": {"extractor": "matching_extractor", "inner_losses": "inner_class_loss",
+              "inter_losses": "inter_class_losses", "image_steps": "_image_step"},
+}
+"""The IDM and DANCE stages: their method code is left untouched and these methods are wrapped
+on the benchmark's host instance. ``matching_passes`` includes ``real_pass`` and
+``class_losses``; the rest of it is IDM's per-class backward and image step."""
+
+
+def time_methods(host, stages: dict, timer) -> None:
+    """Wrap each ``host.<method>`` of ``stages`` (stage -> method name) on the instance so its
+    calls add to ``timer``'s stage."""
+    for stage, name in stages.items():
+        method = getattr(host, name)
+
+        def timed(*a, _method=method, _stage=stage, **k):
+            with timer(_stage):
+                return _method(*a, **k)
+        setattr(host, name, timed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +186,7 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
     from baselines.harness.common import initial_synthetic
     from baselines.harness.dsa import DSA
     from dm_plugins import PluginSet
+    from dm_plugins.profiling import StageTimer
     from dm_plugins.reference import naive_dm_iteration
 
     factor = PRESET_FACTOR.get(variant, args.factor)
@@ -185,7 +213,9 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                               num_iterations=args.warmup + args.repeats,
                               batch_real=args.batch_real, seed=args.seed, channels_last=True)
         host.start()  # plugin setup is a one-off, not per iteration
-        return host.step, host.close, None
+        timer = StageTimer(device)
+        time_methods(host, METHOD_STAGES["idm"], timer)
+        return host.step, host.close, timer
     if variant.startswith("dance"):
         from adapters.dance import build_dance_host
         host = build_dance_host(data, experts, syn_init, plugins=plugins, factor=args.factor,
@@ -194,8 +224,9 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                                 batch_real=args.batch_real, lr=0.01 * ipc, seed=args.seed,
                                 channels_last=True)
         host.start()
-        return host.step, host.close, None
-    from dm_plugins.profiling import StageTimer
+        timer = StageTimer(device)
+        time_methods(host, METHOD_STAGES["dance"], timer)
+        return host.step, host.close, timer
     plain = variant in NEVER_COMPILED
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
@@ -380,14 +411,20 @@ def main(argv=None) -> int:
             if r["variant"] not in NEVER_COMPILED and not r["variant"].startswith(("idm", "dance")):
                 print(f"  ipc {r['ipc']:>3} {r['variant']:<12} "
                       f"{r['first_iteration_s'] - r['seconds_median']:.1f} s")
-    staged = [r for r in rows if r["stages"]]
-    if staged:
-        print("\nStage breakdown, seconds per iteration (mean of the steady iterations):")
-        print("| IPC | variant | " + " | ".join(STAGES) + " |")
-        print("|---:|---|" + "---:|" * len(STAGES))
+    for method, names in (("dm", STAGES), ("idm", tuple(METHOD_STAGES["idm"])),
+                          ("dance", tuple(METHOD_STAGES["dance"]))):
+        staged = [r for r in rows if r["stages"] and
+                  (r["variant"].split("+")[0] == method if method != "dm" else
+                   not r["variant"].startswith(("idm", "dance")))]
+        if not staged:
+            continue
+        print(f"\nStage breakdown ({method}), seconds per iteration (mean of the steady "
+              f"iterations):")
+        print("| IPC | variant | " + " | ".join(names) + " |")
+        print("|---:|---|" + "---:|" * len(names))
         for r in staged:
             print(f"| {r['ipc']} | {r['variant']} | "
-                  + " | ".join(f"{r['stages'].get(k, 0.0):.3f}" for k in STAGES) + " |")
+                  + " | ".join(f"{r['stages'].get(k, 0.0):.3f}" for k in names) + " |")
     out = args.json or os.path.join("benchmarks", "results", f"iteration_cost-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from baselines.harness.runs import environment

@@ -114,13 +114,19 @@ def test_benchmark_runs_with_tiny_sizes(tmp_path, capsys):
     for r in rows:
         assert r["seconds_median"] > 0 and r["peak_memory_mb"] > 0
         assert r["ratio_to_naive"] > 0
-        has_stages = r["variant"] not in ("naive", "idm", "idm+all", "dance", "dance+all")
-        assert (r["stages"] is not None) == has_stages
-        if has_stages:
+        assert 0 <= r["iteration_memory_mb"] <= r["peak_memory_mb"]
+        method = r["variant"].split("+")[0]
+        assert (r["stages"] is not None) == (r["variant"] != "naive")
+        if method in iteration_cost.METHOD_STAGES:  # every IDM / DANCE stage ran
+            assert set(r["stages"]) == set(iteration_cost.METHOD_STAGES[method])
+            assert min(r["stages"].values()) > 0
+        elif r["stages"] is not None:
             assert r["stages"]["real_forward"] > 0 and r["stages"]["backward"] > 0
             assert ("auxiliary_losses" in r["stages"]) == True  # noqa: E712 (always timed)
     out_text = capsys.readouterr().out
-    assert "| IPC | variant |" in out_text and "Stage breakdown" in out_text
+    assert "| IPC | variant |" in out_text
+    for method in ("dm", "idm", "dance"):
+        assert f"Stage breakdown ({method})" in out_text
 
 
 def test_benchmark_chunk_sweep_prints_each_chunk(capsys):
