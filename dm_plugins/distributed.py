@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import torch
 
 TIMEOUT = timedelta(minutes=60)
-"""How long a collective waits for the slowest rank (e.g. rank 0 training the expert pool while
-the others wait for it); longer than torch's default so an expert pool fits in it."""
+"""How long a collective waits for the slowest rank (e.g. a rank training one more expert than
+the others, or rank 0 loading the data); longer than torch's default so an expert fits in it."""
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> range:
@@ -144,6 +144,15 @@ class ShardedClassData:
         if label not in self._held_set:
             return self.images.new_empty((0, *self.images.shape[1:]))
         return self._held.images[self._held._indices[label][perm]]
+
+
+def place_real(real, device: str | torch.device, classes: Sequence[int] | None = None):
+    """The real data a host computes on: ``real`` (a :class:`dm_plugins.ClassIndexedTensors`
+    or :class:`ShardedClassData`) restricted to ``classes`` when given (unless it already is a
+    :class:`ShardedClassData`), and moved to ``device`` once when that is not the CPU."""
+    if classes is not None and not isinstance(real, ShardedClassData):
+        real = ShardedClassData.restrict(real, classes)
+    return real if torch.device(device).type == "cpu" else real.to(device)
 
 
 # -- the process group --------------------------------------------------------------------------
