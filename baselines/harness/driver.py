@@ -510,9 +510,11 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     processes every rank joins torchrun's process group (gloo on CPU, NCCL on CUDA), holds
     only its classes (:func:`dm_plugins.distributed.class_range`) of the real training images
     and of the synthetic set, and writes its own ``checkpoint-rank<r>.pt``. Rank 0 alone loads
-    the data and the experts first (downloads and caches), creates the run directory and writes
-    everything else (config, log, metrics, synthetic set, grid, curves, results). The
-    evaluation runs are dealt over the ranks and gathered. ``--resume`` needs the same K.
+    the data first (downloads and caches), creates the run directory and writes everything
+    else (config, log, metrics, synthetic set, grid, curves, results). Missing experts are
+    trained by every rank, expert k by rank k % K, and then loaded by all (the pool equals a
+    serial one). The evaluation runs are dealt over the ranks and gathered. ``--resume``
+    needs the same K.
     """
     from dm_plugins import ExpertPool, PluginSet, distributed, plugins_need_experts
 
@@ -587,12 +589,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         experts = None
         if spec.needs_experts or plugins_need_experts(config["plugins"]):
             expert_seed = config.get("expert_seed", config["seed"])
-            experts = distributed.main_first(world, lambda: load_or_train_experts(
+            experts = load_or_train_experts(  # missing experts dealt over the processes
                 dataset, config["arch"], num_experts=config["num_experts"],
                 epochs=config["expert_epochs"], seed=expert_seed,
                 directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
-                device=device, progress=progress, channels_last=channels_last, log=log)[0],
-                USER_ERRORS)
+                device=device, progress=progress, channels_last=channels_last, log=log,
+                rank=world.rank, world_size=world.world_size)[0]
             if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays
                 experts = ExpertPool(experts.experts, experts.network_factory,  # the run's own
                                      seed=config["seed"], meta=experts.meta)
