@@ -80,6 +80,35 @@ def test_dsa_with_num_groups_gives_each_group_the_draw_of_its_id():
         dsa.siamese(x, groups + 1, g, num_groups=4)
 
 
+def _sharded_runs_equal_one(make, num_classes, ipc, check_metrics=("loss",)):
+    """``make(shard)`` hosts: one holding every class against K=2 shards run one after
+    another (no process group: each logs its own classes' sums). The shards' images, in class
+    order, equal the single host's; their logged sums add up to its; their states name their
+    classes and refuse another shard's."""
+    single, logged = make(None), []
+    single.run(callback=lambda t, m: logged.append(m), progress=False)
+    parts, shard_logs = [], []
+    for rank in range(2):
+        shard = ClassShard(num_classes, rank, 2)
+        h, seen = make(shard), []
+        h.run(callback=lambda t, m: seen.append(m), progress=False)
+        assert torch.equal(h.syn_labels.cpu(),
+                           torch.tensor(list(shard.classes)).repeat_interleave(ipc))
+        assert h.state_dict()["classes"] == [shard.classes.start, shard.classes.stop]
+        parts.append(h.syn.detach())
+        shard_logs.append(seen)
+    torch.testing.assert_close(torch.cat(parts), single.syn.detach(), rtol=0, atol=1e-6)
+    for key in check_metrics:
+        torch.testing.assert_close(
+            torch.tensor([[m[key] for m in log] for log in shard_logs]).sum(0),
+            torch.tensor([m[key] for m in logged]), rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="classes"):
+        make(ClassShard(num_classes, 0, 2)).load_state_dict(
+            make(ClassShard(num_classes, 1, 2)).state_dict())
+    with pytest.raises(ValueError, match="classes"):
+        make(ClassShard(num_classes, 0, 2)).load_state_dict(single.state_dict())
+
+
 @pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
 def test_sharded_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
     ipc = 2
@@ -92,27 +121,7 @@ def test_sharded_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
         return DMHost(real, tiny_factory, mine, num_iterations=4, batch_real=5, seed=3,
                       plugins=PluginSet.from_names(spec, experts=pool),
                       augment=DSA(flip=False).siamese, shard=shard)
-
-    single, losses = host(), []
-    single.run(callback=lambda t, m: losses.append(m["loss"]), progress=False)
-    parts, shard_losses = [], []
-    for rank in range(2):                           # 3 classes: ranks hold [0, 1] and [2]
-        shard = ClassShard(toy.num_classes, rank, 2)
-        h, seen = host(shard), []
-        h.run(callback=lambda t, m: seen.append(m["loss"]), progress=False)
-        assert torch.equal(h.syn_labels, torch.tensor(list(shard.classes)).repeat_interleave(ipc))
-        parts.append(h.syn.detach())
-        shard_losses.append(seen)
-        assert h.state_dict()["classes"] == [shard.classes.start, shard.classes.stop]
-    torch.testing.assert_close(torch.cat(parts), single.syn.detach(), rtol=0, atol=1e-6)
-    # without a process group each rank logs its own classes' part of the loss
-    torch.testing.assert_close(torch.tensor(shard_losses).sum(0), torch.tensor(losses),
-                               rtol=1e-5, atol=1e-6)
-    other = host(ClassShard(toy.num_classes, 0, 2))
-    with pytest.raises(ValueError, match="classes"):
-        other.load_state_dict(host(ClassShard(toy.num_classes, 1, 2)).state_dict())
-    with pytest.raises(ValueError, match="classes"):
-        other.load_state_dict(single.state_dict())
+    _sharded_runs_equal_one(host, toy.num_classes, ipc)             # ranks: [0, 1] and [2]
 
 
 def test_a_shard_must_split_the_real_datas_classes(toy, tiny_factory):
@@ -200,3 +209,24 @@ def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[0, 2], mine])
     with pytest.raises(RunError, match="share no iteration"):
         driver._common_checkpoint(states, World(1, 2), run)
+
+
+@pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
+def test_sharded_dance_hosts_together_equal_one_host(spec, toy, pool):
+    from functools import partial
+
+    from adapters.dance import DANCEHost
+    from baselines.harness.factorization import decode
+    from tests.conftest import group_scale_augment
+    from tests.test_dance import normalize, pixel_init
+    stored = pixel_init(toy)                                  # ipc 1, factor 2, 3 classes
+
+    def make(shard):
+        mine = stored if shard is None else stored[shard.classes.start:shard.classes.stop]
+        real = toy if shard is None else ShardedClassData.restrict(toy, shard.classes)
+        return DANCEHost(real, pool, mine, plugins=PluginSet.from_names(spec, experts=pool),
+                         normalize=normalize, num_iterations=4, augment=group_scale_augment,
+                         decode=partial(decode, factor=2), batch_real=5, batch_syn_max=3,
+                         lr=0.05, momentum=0.5, iter_calib=2, seed=0, shard=shard)
+    _sharded_runs_equal_one(make, toy.num_classes, 1,
+                            ("loss", "loss_match", "loss_plm" if "plm" in spec else "loss_ce"))
