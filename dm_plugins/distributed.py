@@ -138,12 +138,23 @@ class ShardedClassData:
         return self._held.images_of(label)
 
     def sample(self, label: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        if self._sizes[label] == 0:
-            raise ValueError(f"class {label} has no images")
-        perm = torch.randperm(self._sizes[label], generator=generator)[:n]
         if label not in self._held_set:
-            return self.images.new_empty((0, *self.images.shape[1:]))
-        return self._held.images[self._held._indices[label][perm]]
+            return skip_sample(self, label, n, generator)
+        return self._held.sample(label, n, generator)
+
+
+def skip_sample(real, label: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """What a process draws for a class it does not hold: ``generator`` advanced exactly as
+    ``real.sample(label, n, generator)`` would advance it (``randperm`` of the class's size, the
+    draw of :class:`dm_plugins.ClassIndexedTensors` and :class:`ShardedClassData`), and an empty
+    (0, C, H, W) batch; no image is copied. Data without ``class_size`` is sampled and dropped."""
+    shape = tuple(real.image_shape) if hasattr(real, "image_shape") else None
+    if shape is None or not hasattr(real, "class_size"):
+        return real.sample(label, n, generator)[:0]
+    if real.class_size(label) == 0:
+        raise ValueError(f"class {label} has no images")
+    torch.randperm(real.class_size(label), generator=generator)
+    return real.images.new_empty((0, *shape))
 
 
 def place_real(real, device: str | torch.device, classes: Sequence[int] | None = None):

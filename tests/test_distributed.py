@@ -153,8 +153,12 @@ def _one_line_error(capsys, code, *fragments):
 def test_methods_that_do_not_shard_refuse_several_processes(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    _one_line_error(capsys, idm.main(TINY + ["--out", str(tmp_path / "r")]),
-                    "baselines/idm.py", "one process", "WORLD_SIZE=2")
+    from dataclasses import replace
+
+    from baselines.harness import driver
+    unsharded = replace(dm.SPEC, name="mine", shards_classes=False)   # e.g. a third party's
+    _one_line_error(capsys, driver.main(unsharded, TINY + ["--out", str(tmp_path / "r")]),
+                    "baselines/mine.py", "one process", "WORLD_SIZE=2")
     assert not (tmp_path / "r").exists()
     monkeypatch.setenv("WORLD_SIZE", "two")
     _one_line_error(capsys, dm.main(TINY + ["--out", str(tmp_path / "r")]), "WORLD_SIZE")
@@ -230,3 +234,40 @@ def test_sharded_dance_hosts_together_equal_one_host(spec, toy, pool):
                          lr=0.05, momentum=0.5, iter_calib=2, seed=0, shard=shard)
     _sharded_runs_equal_one(make, toy.num_classes, 1,
                             ("loss", "loss_match", "loss_plm" if "plm" in spec else "loss_ce"))
+
+
+@pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
+def test_sharded_idm_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
+    from functools import partial
+
+    from adapters.idm import IDMHost
+    from baselines.harness.factorization import decode, mosaic_init
+    from tests.conftest import group_scale_augment
+    g = torch.Generator().manual_seed(3)
+    stored = torch.cat([mosaic_init(toy.sample(c, 4, g), 2) for c in range(toy.num_classes)])
+
+    def make(shard):
+        mine = stored if shard is None else stored[shard.classes.start:shard.classes.stop]
+        return IDMHost(toy, tiny_factory, mine, plugins=PluginSet.from_names(spec, experts=pool),
+                       num_iterations=4, augment=group_scale_augment,
+                       decode=partial(decode, factor=2), batch_real=5, lr=0.2, momentum=0.5,
+                       ce_weight=0.5, net_num=5, net_generate_interval=2, model_train_steps=2,
+                       trained_bs=6, meter_interval=3, seed=0, shard=shard)
+    _sharded_runs_equal_one(make, toy.num_classes, 1, ("loss", "loss_match", "loss_ce", "ce")
+                            + (("loss_plm",) if "plm" in spec else ()))
+    # the queue is replicated: every shard trains it as one process does
+    hosts = [make(None), make(ClassShard(toy.num_classes, 1, 2))]
+    for h in hosts:
+        h.run(progress=False)
+    for a, b in zip(hosts[0].queue, hosts[1].queue, strict=True):
+        assert a.serial == b.serial and (a.correct, a.seen) == (b.correct, b.seen)
+        for x, y in zip(a.net.state_dict().values(), b.net.state_dict().values()):
+            assert torch.equal(x, y)
+
+
+def test_a_sharded_idm_host_needs_every_class_of_the_real_data(toy, tiny_factory):
+    from baselines.harness.idm import IDM
+    shard = ClassShard(toy.num_classes, 0, 2)
+    with pytest.raises(ValueError, match="every class's real images"):
+        IDM(ShardedClassData.restrict(toy, shard.classes), tiny_factory, toy.images[:2],
+            num_iterations=1, shard=shard)

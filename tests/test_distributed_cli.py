@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines import dance, dm
+from baselines import dance, dm, idm
 from baselines.harness.datasets import load_dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import evaluate_synset
@@ -176,4 +176,20 @@ def test_dance_two_processes_train_the_expert_pool_and_equal_one(tmp_path):
     _assert_same_sets(one, two)
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         assert b["loss_plm"] == pytest.approx(a["loss_plm"], rel=1e-5)
+        assert b["real_kept"] == pytest.approx(a["real_kept"])
+
+
+def test_idm_two_processes_with_plugins_equal_one(tmp_path, random_experts):
+    """IDM over 2 ranks with every plugin: each rank trains the whole model queue itself, the
+    matching is split by class; the gathered set and the logged sums equal one process's."""
+    args = TINY + ["--plugins", "cap,ptm,plm", "--model-train-steps", "1", "--trained-bs", "16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with _one_thread():
+        assert idm.main(args + ["--out", str(one)]) == 0
+    done = torchrun(args + ["--out", str(two)], method="idm")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_sets(one, two)
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        for key in ("loss", "loss_match", "loss_ce", "loss_plm", "ce_scale", "trained_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["real_kept"] == pytest.approx(a["real_kept"])
