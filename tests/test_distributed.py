@@ -271,3 +271,18 @@ def test_a_sharded_idm_host_needs_every_class_of_the_real_data(toy, tiny_factory
     with pytest.raises(ValueError, match="every class's real images"):
         IDM(ShardedClassData.restrict(toy, shard.classes), tiny_factory, toy.images[:2],
             num_iterations=1, shard=shard)
+
+
+def test_a_sharded_dance_host_refuses_a_class_without_inter_class_loss(toy, pool):
+    from adapters.dance import DANCEHost
+    from tests.test_dance import normalize, pixel_init
+
+    class NoInterClass(DANCEHost):
+        def inter_class_losses(self, syn_images, syn_labels, t):
+            return {}
+    shard = ClassShard(toy.num_classes, 1, 2)
+    host = NoInterClass(ShardedClassData.restrict(toy, shard.classes), pool,
+                        pixel_init(toy)[shard.classes.start:], normalize=normalize,
+                        num_iterations=1, batch_real=4, shard=shard)
+    with pytest.raises(ValueError, match="no inter-class loss"):
+        host.step(0)
