@@ -313,6 +313,10 @@ class ExpertPool:
                               meta, **settings) -> "ExpertPool":
         """:meth:`load_or_train` by ``world_size`` processes (see its ``rank``)."""
         from . import distributed
+        if not distributed.active(world_size):
+            raise ExpertError(f"training experts with world_size={world_size} needs a running "
+                              f"process group of {world_size} processes (torchrun); without "
+                              f"one, leave rank and world_size at 0 and 1")
         directory = Path(directory)
         recipe = _recipe(epochs, seed, settings["lr"], settings["momentum"],
                          settings["weight_decay"], settings["batch_size"], settings["augment"],

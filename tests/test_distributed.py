@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from baselines import dm, idm
+from baselines import dm
 from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import evaluate_synset, resolve_protocol, summarize_accuracies
 from dm_plugins import DMHost, PluginSet
@@ -286,3 +286,12 @@ def test_a_sharded_dance_host_refuses_a_class_without_inter_class_loss(toy, pool
                         num_iterations=1, batch_real=4, shard=shard)
     with pytest.raises(ValueError, match="no inter-class loss"):
         host.step(0)
+
+
+def test_spreading_expert_training_needs_a_process_group(tmp_path, toy, tiny_factory):
+    from dm_plugins import ExpertPool
+    from dm_plugins.errors import ExpertError
+    with pytest.raises(ExpertError, match="process group of 2"):
+        ExpertPool.load_or_train(tmp_path, tiny_factory, toy.images, toy.labels, num_experts=2,
+                                 epochs=1, rank=1, world_size=2, progress=False)
+    assert not any(tmp_path.iterdir())
