@@ -34,7 +34,8 @@ from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
 from baselines.harness.dance import DANCE
-from dm_plugins import ClassIndexedTensors, DistillContext, ExpertPool, PluginSet
+from dm_plugins import DistillContext, ExpertPool, PluginSet
+from dm_plugins.distributed import ClassShard, place_real
 
 #: The augmentation DANCE matches with (IDC's ``DiffAug`` strategy; all three ops each call).
 MATCHING_STRATEGY = "color_crop_cutout"
@@ -57,6 +58,7 @@ class DANCEHost(DANCE):
                 num_classes=self.num_classes, ipc=self.ipc, num_iterations=self.num_iterations,
                 real=self.real, device=self.device, memory_format=self.memory_format,
                 seed=self.seed, extra=self.extra,
+                classes=None if self.shard is None else list(self.classes),
                 extractor=self.experts.network()))  # a template, never used
         super().start()
 
@@ -79,19 +81,19 @@ class DANCEHost(DANCE):
 
 def build_dance_host(dataset: Dataset, experts: ExpertPool, syn_init: torch.Tensor, *,
                      plugins: PluginSet | None = None, factor: int = 2, augment: bool = True,
-                     device: torch.device = torch.device("cpu"), **settings) -> DANCEHost:
+                     device: torch.device = torch.device("cpu"), shard: ClassShard | None = None,
+                     **settings) -> DANCEHost:
     """A :class:`DANCEHost` over ``dataset.train`` (moved to ``device`` once). ``syn_init`` is
     normalised, as the harness makes it; it is stored in pixel space, clamped to [0, 1].
     Matching augmentation: IDC's ``color_crop_cutout`` (no flip in it). ``factor`` is the
     multi-formation factor (2 in DANCE; 1 turns it off). ``settings`` are :class:`DANCE`'s
-    keyword arguments (``num_iterations``, ``batch_real``, ``lr``, ...)."""
-    real = dataset.train
-    if device.type != "cpu":
-        real = ClassIndexedTensors(real.images.to(device), real.labels.to(device),
-                                   real.num_classes)
+    keyword arguments (``num_iterations``, ``batch_real``, ``lr``, ...). ``shard``: optimise
+    only the shard's classes (``syn_init`` holds only theirs; ``dataset.train`` may hold only
+    their images, else it is restricted here; see :class:`DANCE`)."""
+    real = place_real(dataset.train, device, None if shard is None else shard.classes)
     pixels = dataset.denormalize(syn_init).clamp(0.0, 1.0)
     extra = {"method": "dance", "dataset": dataset.name, "factor": factor}
     return DANCEHost(real, experts, pixels, plugins=plugins, normalize=dataset.normalize,
                      augment=DSA(MATCHING_STRATEGY).sequence if augment else None,
                      decode=partial(decode, factor=factor) if factor > 1 else None,
-                     device=device, extra=extra, **settings)
+                     device=device, extra=extra, shard=shard, **settings)

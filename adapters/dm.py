@@ -18,8 +18,8 @@ from torch import nn
 from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
-from dm_plugins import ClassIndexedTensors, DMHost, PluginSet
-from dm_plugins.distributed import ClassShard, ShardedClassData
+from dm_plugins import DMHost, PluginSet
+from dm_plugins.distributed import ClassShard, place_real
 
 
 def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
@@ -38,13 +38,7 @@ def build_dm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
     classes (``syn_init`` holds only theirs; ``dataset.train`` may hold only their images, a
     :class:`dm_plugins.distributed.ShardedClassData`, else it is restricted here).
     """
-    real = dataset.train
-    if shard is not None and not isinstance(real, ShardedClassData):
-        real = ShardedClassData.restrict(real, shard.classes)
-    if device.type != "cpu":
-        real = (real.to(device) if isinstance(real, ShardedClassData) else
-                ClassIndexedTensors(real.images.to(device), real.labels.to(device),
-                                    real.num_classes))
+    real = place_real(dataset.train, device, None if shard is None else shard.classes)
     augment = DSA(flip=not dataset.is_digit_like).siamese if dsa else None
     return DMHost(real, network_factory, syn_init, num_iterations=iterations, plugins=plugins,
                   augment=augment, decode=partial(decode, factor=factor) if factor > 1 else None,

@@ -39,7 +39,8 @@ from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
 from baselines.harness.idm import IDM
-from dm_plugins import ClassIndexedTensors, DistillContext, PluginSet
+from dm_plugins import DistillContext, PluginSet
+from dm_plugins.distributed import ClassShard, place_real
 from dm_plugins.experts import build_network
 
 
@@ -56,6 +57,7 @@ class IDMHost(IDM):
                 num_classes=self.num_classes, ipc=self.ipc, num_iterations=self.num_iterations,
                 real=self.real, device=self.device, memory_format=self.memory_format,
                 seed=self.seed, extra=self.extra,
+                classes=None if self.shard is None else list(self.classes),
                 extractor=build_network(self.network_factory)))  # a template, never used
         super().start()
 
@@ -77,17 +79,16 @@ class IDMHost(IDM):
 def build_idm_host(dataset: Dataset, network_factory: Callable[[], nn.Module],
                    syn_init: torch.Tensor, *, plugins: PluginSet | None = None, factor: int = 2,
                    dsa: bool = True, device: torch.device = torch.device("cpu"),
-                   **settings) -> IDMHost:
+                   shard: ClassShard | None = None, **settings) -> IDMHost:
     """An :class:`IDMHost` over ``dataset.train`` (moved to ``device`` once): DSA as the Siamese
     augmentation (no flip on digit-like data), the ``factor x factor`` partition as the decoder
     (factor 2 is IDM's 2x2 partition; 1 turns it off). ``settings`` are :class:`IDM`'s keyword
-    arguments (``num_iterations``, ``batch_real``, ``lr``, ``ce_weight``, ...)."""
-    real = dataset.train
-    if device.type != "cpu":
-        real = ClassIndexedTensors(real.images.to(device), real.labels.to(device),
-                                   real.num_classes)
+    arguments (``num_iterations``, ``batch_real``, ``lr``, ``ce_weight``, ...). ``shard``:
+    optimise only the shard's classes (``syn_init`` holds only theirs; ``dataset.train`` must
+    hold every class, for the model queue; see :class:`IDM`)."""
+    real = place_real(dataset.train, device)
     augment = DSA(flip=not dataset.is_digit_like).siamese if dsa else None
     extra = {"method": "idm", "dataset": dataset.name, "factor": factor}
     return IDMHost(real, network_factory, syn_init, plugins=plugins, augment=augment,
                    decode=partial(decode, factor=factor) if factor > 1 else None,
-                   device=device, extra=extra, **settings)
+                   device=device, extra=extra, shard=shard, **settings)

@@ -9,6 +9,10 @@ and the same pool serves the ``ptm`` and ``plm`` plugins.
 
 Stored images live in pixel space [0, 1], so ``--lr-img`` is a pixel-space rate (DANCE's
 ``0.01 x IPC``). ``--factor`` is DANCE's multi-formation factor (2; 1 turns it off).
+
+``torchrun --nproc-per-node K baselines/dance.py ...`` shards the classes over K processes (each
+optimises its own classes' images with the single-process draws; the gathered set equals one
+process's up to float rounding; see ``baselines/harness/dance.py``).
 """
 from __future__ import annotations
 
@@ -62,8 +66,9 @@ def add_arguments(parser) -> None:
 
 
 def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last, *,
-               experts):
-    """A DANCE host through ``adapters/dance.py``."""
+               experts, shard=None):
+    """A DANCE host through ``adapters/dance.py`` (``shard``: this process's classes in a run
+    of several processes)."""
     from adapters.dance import build_dance_host
     from baselines.harness.common import UsageError
     if config["compile"]:
@@ -75,7 +80,7 @@ def build_host(dataset, network_factory, syn_init, plugins, config, device, chan
             augment=config["dsa"], device=device, num_iterations=config["iterations"],
             batch_real=config["batch_real"], batch_syn_max=config["batch_syn_max"],
             lr=config["lr_img"], momentum=config["momentum"], iter_calib=config["iter_calib"],
-            seed=config["seed"], channels_last=channels_last)
+            seed=config["seed"], channels_last=channels_last, shard=shard)
     except ValueError as exc:  # a setting DANCE rejects, e.g. --batch-syn-max 0
         raise UsageError(str(exc)) from None
 
@@ -90,7 +95,8 @@ SPEC = MethodSpec(
                 "which plugins are on. On the embedded 'digits' set some defaults are smaller "
                 "so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
-    needs_experts=True, checks={"batch_syn_max": "positive", "iter_calib": "nonnegative"})
+    needs_experts=True, checks={"batch_syn_max": "positive", "iter_calib": "nonnegative"},
+    shards_classes=True)
 
 
 def build_parser():

@@ -9,6 +9,11 @@ driver (``baselines/harness/driver.py``) does the rest.
 the partition off. Defaults that the authors set per dataset and IPC (``ce_weight``,
 ``batch_real``, ``net_generate_interval``, ``meter_interval``, ``model_train_steps``) follow
 their commands for CIFAR-10 (and for any other dataset), CIFAR-100 and TinyImageNet.
+
+``torchrun --nproc-per-node K baselines/idm.py ...`` shards the matching over K processes by
+class; every process runs the whole model queue itself (replicated, on every class's real
+images), so the gathered set equals one process's up to float rounding (see
+``baselines/harness/idm.py``).
 """
 from __future__ import annotations
 
@@ -101,20 +106,23 @@ def add_arguments(parser) -> None:
            f"eval_interval) {d('meter_interval')}")
 
 
-def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last):
-    """An IDM host through ``adapters/idm.py``."""
-    from adapters.idm import build_idm_host
+def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last,
+               shard=None):
+    """An IDM host through ``adapters/idm.py`` (``shard``: this process's classes in a run of
+    several processes)."""
     from baselines.harness.common import UsageError
     if config["compile"]:
         raise UsageError("--compile is not supported by idm (its matching networks change "
                          "every iteration); drop --compile")
     try:
-        return _build(dataset, network_factory, syn_init, plugins, config, device, channels_last)
+        return _build(dataset, network_factory, syn_init, plugins, config, device, channels_last,
+                      shard)
     except ValueError as exc:  # a setting IDM rejects, e.g. --net-num 0
         raise UsageError(str(exc)) from None
 
 
-def _build(dataset, network_factory, syn_init, plugins, config, device, channels_last):
+def _build(dataset, network_factory, syn_init, plugins, config, device, channels_last,
+           shard=None):
     from adapters.idm import build_idm_host
     return build_idm_host(
         dataset, network_factory, syn_init, plugins=plugins, factor=config["factor"],
@@ -125,7 +133,7 @@ def _build(dataset, network_factory, syn_init, plugins, config, device, channels
         train_net_num=config["train_net_num"], fetch_net_num=config["fetch_net_num"],
         model_train_steps=config["model_train_steps"], trained_bs=config["trained_bs"],
         lr_net=config["lr_net"], meter_interval=config["meter_interval"], seed=config["seed"],
-        channels_last=channels_last)
+        channels_last=channels_last, shard=shard)
 
 
 SPEC = MethodSpec(
@@ -137,7 +145,7 @@ SPEC = MethodSpec(
                 "never from which plugins are on. On the embedded 'digits' set some defaults "
                 "are smaller so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
-    embedded_budget=EMBEDDED,
+    embedded_budget=EMBEDDED, shards_classes=True, needs_every_class=True,
     checks={"ce_weight": "nonnegative", "net_num": "positive", "net_generate_interval": "positive",
             "train_net_num": "positive", "fetch_net_num": "nonnegative",
             "model_train_steps": "nonnegative", "trained_bs": "positive",

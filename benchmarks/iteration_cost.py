@@ -38,7 +38,8 @@ matching and auxiliary losses together), optimiser step. IDM and DANCE get a tab
 their own stages (:data:`METHOD_STAGES`): IDM's extractor, real pass (real batches, DSA and
 forward), class losses (synthetic path, CE and plugin losses), matching passes (those two plus
 the per-class backward and image step) and queue training; DANCE's extractor (the middle model,
-or PTM's), inner-class losses, inter-class losses (CE, or PLM) and image steps (backward + step).
+or PTM's), inner-class losses, inter-class losses (CE, or PLM) and the rest (its backward and
+image steps).
 
 ``--chunk-sweep 8,16,32,...`` times only the no-graph real forward of ``batch_real`` images per
 class under a random extractor at each chunk size (round-robin, median) and prints it: the
@@ -87,11 +88,15 @@ METHOD_STAGES = {
             "class_losses": "class_loss", "matching_passes": "matching_pass",
             "queue_training": "train_queue"},
     "dance": {"extractor": "matching_extractor", "inner_losses": "inner_class_loss",
-              "inter_losses": "inter_class_losses", "image_steps": "_image_step"},
+              "inter_losses": "inter_class_losses"},
 }
 """The IDM and DANCE stages: their method code is left untouched and these methods are wrapped
 on the benchmark's host instance. ``matching_passes`` includes ``real_pass`` and
-``class_losses``; the rest of it is IDM's per-class backward and image step."""
+``class_losses``; the rest of it is IDM's per-class backward and image step. Each table also
+gets ``rest``: the mean iteration time minus the stages of :data:`TOP_STAGES` (for DANCE, its
+per-class backward and image steps)."""
+TOP_STAGES = {"idm": ("matching_passes", "queue_training"),
+              "dance": ("extractor", "inner_losses", "inter_losses")}
 
 
 def time_methods(host, stages: dict, timer) -> None:
@@ -273,6 +278,10 @@ def time_variants(variants, data, factory, experts, ipc, args, device):
         timer = steppers[v][2]
         stages = ({k: s / args.repeats for k, s in timer.seconds.items()}
                   if timer is not None else None)
+        method = v.split("+")[0]
+        if stages is not None and method in TOP_STAGES:
+            stages["rest"] = statistics.fmean(steady) - sum(stages.get(k, 0.0)
+                                                            for k in TOP_STAGES[method])
         results.append({"variant": v, "ipc": ipc, "seconds_median": statistics.median(steady),
                         "seconds_min": min(steady), "seconds_all": steady,
                         "first_iteration_s": times[v][0],
@@ -411,8 +420,8 @@ def main(argv=None) -> int:
             if r["variant"] not in NEVER_COMPILED and not r["variant"].startswith(("idm", "dance")):
                 print(f"  ipc {r['ipc']:>3} {r['variant']:<12} "
                       f"{r['first_iteration_s'] - r['seconds_median']:.1f} s")
-    for method, names in (("dm", STAGES), ("idm", tuple(METHOD_STAGES["idm"])),
-                          ("dance", tuple(METHOD_STAGES["dance"]))):
+    for method, names in (("dm", STAGES), ("idm", (*METHOD_STAGES["idm"], "rest")),
+                          ("dance", (*METHOD_STAGES["dance"], "rest"))):
         staged = [r for r in rows if r["stages"] and
                   (r["variant"].split("+")[0] == method if method != "dm" else
                    not r["variant"].startswith(("idm", "dance")))]

@@ -55,6 +55,11 @@ class ClassIndexedTensors:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def to(self, device: str | torch.device) -> "ClassIndexedTensors":
+        """The same data with images and labels on ``device``."""
+        return ClassIndexedTensors(self.images.to(device), self.labels.to(device),
+                                   self.num_classes)
+
     def class_size(self, label: int) -> int:
         return int(self._indices[label].numel())
 

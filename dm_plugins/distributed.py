@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import torch
 
 TIMEOUT = timedelta(minutes=60)
-"""How long a collective waits for the slowest rank (e.g. rank 0 training the expert pool while
-the others wait for it); longer than torch's default so an expert pool fits in it."""
+"""How long a collective waits for the slowest rank (e.g. a rank training one more expert than
+the others, or rank 0 loading the data); longer than torch's default so an expert fits in it."""
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> range:
@@ -138,12 +138,32 @@ class ShardedClassData:
         return self._held.images_of(label)
 
     def sample(self, label: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        if self._sizes[label] == 0:
-            raise ValueError(f"class {label} has no images")
-        perm = torch.randperm(self._sizes[label], generator=generator)[:n]
         if label not in self._held_set:
-            return self.images.new_empty((0, *self.images.shape[1:]))
-        return self._held.images[self._held._indices[label][perm]]
+            return skip_sample(self, label, n, generator)
+        return self._held.sample(label, n, generator)
+
+
+def skip_sample(real, label: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """What a process draws for a class it does not hold: ``generator`` advanced exactly as
+    ``real.sample(label, n, generator)`` would advance it (``randperm`` of the class's size, the
+    draw of :class:`dm_plugins.ClassIndexedTensors` and :class:`ShardedClassData`), and an empty
+    (0, C, H, W) batch; no image is copied. Data without ``class_size`` is sampled and dropped."""
+    shape = tuple(real.image_shape) if hasattr(real, "image_shape") else None
+    if shape is None or not hasattr(real, "class_size"):
+        return real.sample(label, n, generator)[:0]
+    if real.class_size(label) == 0:
+        raise ValueError(f"class {label} has no images")
+    torch.randperm(real.class_size(label), generator=generator)
+    return real.images.new_empty((0, *shape))
+
+
+def place_real(real, device: str | torch.device, classes: Sequence[int] | None = None):
+    """The real data a host computes on: ``real`` (a :class:`dm_plugins.ClassIndexedTensors`
+    or :class:`ShardedClassData`) restricted to ``classes`` when given (unless it already is a
+    :class:`ShardedClassData`), and moved to ``device`` once when that is not the CPU."""
+    if classes is not None and not isinstance(real, ShardedClassData):
+        real = ShardedClassData.restrict(real, classes)
+    return real if torch.device(device).type == "cpu" else real.to(device)
 
 
 # -- the process group --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -191,10 +192,7 @@ class ExpertPool:
         return directory
 
     def _save_expert(self, directory: Path, k: int) -> None:
-        e = self.experts[k]
-        atomic_torch_save(directory / f"expert_{k}.pt",
-                          {"format": FORMAT, "init": e.init_state, "trained": e.trained_state,
-                           "meta": e.meta})
+        _write_expert(directory, k, self.experts[k])
 
     def _write_manifest(self, directory: Path) -> None:
         manifest = {"format": FORMAT, "version": 1, "num_experts": len(self), "seed": self.seed,
@@ -235,7 +233,8 @@ class ExpertPool:
                       test_labels: torch.Tensor | None = None,
                       device: str | torch.device = "cpu", progress: bool = True,
                       meta: dict | None = None, channels_last: bool = False,
-                      log: Callable[[str], None] | None = None) -> "ExpertPool":
+                      log: Callable[[str], None] | None = None, rank: int = 0,
+                      world_size: int = 1) -> "ExpertPool":
         """The experts in ``directory``, training and saving the missing ones first.
 
         Each expert is saved as soon as it is trained, so an interrupted call resumes at the
@@ -257,38 +256,45 @@ class ExpertPool:
             test_images, test_labels: when given, each expert's test accuracy is recorded.
             meta: extra description that must match on reuse (e.g. dataset, arch).
             log: called with one line per expert loaded or trained.
+            rank, world_size: this process's place in a run of several processes
+            (``torchrun``; every process calls this with the same arguments, and a process
+            group of ``world_size`` processes must be running). The missing experts are dealt
+            round-robin: process ``rank`` trains expert k when ``k % world_size == rank`` (each
+            seeded by (seed, k) as always, so the pool equals one trained in one process) and
+            saves it atomically; then every process waits for the others and loads the whole
+            pool, and process 0 writes the manifest. An error in one process (e.g. a directory
+            of another recipe) is raised there, and :class:`dm_plugins.distributed.PeerFailed`
+            in the others. Unlike one process, which records each expert in the manifest as it
+            is saved, an interrupted run of several processes records none of that call's
+            experts (the next call trains them again, to the same weights).
         """
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
+        if world_size > 1:
+            return cls._load_or_train_spread(
+                directory, network_factory, images, labels, rank=rank, world_size=world_size,
+                log=log, num_experts=num_experts, epochs=epochs, seed=seed, lr=lr,
+                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                lr_milestones=lr_milestones, lr_gamma=lr_gamma, cutmix_p=cutmix_p,
+                augment=augment, augment_name=augment_name, test_images=test_images,
+                test_labels=test_labels, device=device, progress=progress, meta=meta,
+                channels_last=channels_last)
         directory = Path(directory)
-        pool_meta = {**_recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
-                               augment_name, lr_milestones, lr_gamma, cutmix_p), **(meta or {})}
-        manifest = _read_manifest(directory)
-        if manifest is None and directory.exists() and any(directory.iterdir()):
-            if not all(p.name.startswith(".") or p.name.startswith("expert_")
-                       for p in directory.iterdir()):
-                raise ExpertError(f"{directory} exists but holds no expert pool (no {MANIFEST}); "
-                                  f"point to an empty or new directory")
-        experts: list[Expert] = []
-        if manifest is not None:
-            _check_expected(directory, _with_schedule_defaults(manifest.get("meta", {})),
-                            _with_schedule_defaults(pool_meta))
-            have = min(int(manifest.get("num_experts", 0)), num_experts)
-            experts = [_load_expert(directory, k) for k in range(have)]
-            if log is not None and experts:
-                log(f"experts: loaded {len(experts)} from {directory}")
+        pool_meta, manifest, experts = _cached_experts(directory, num_experts, _recipe(
+            epochs, seed, lr, momentum, weight_decay, batch_size, augment, augment_name,
+            lr_milestones, lr_gamma, cutmix_p), meta, log)
         if len(experts) < num_experts and log is not None:
             log(f"experts: training {num_experts - len(experts)} of {num_experts} for {epochs} "
                 f"epochs (saved to {directory} one by one)")
         pool = None
+        train = partial(train_expert, network_factory, images, labels, epochs=epochs, seed=seed,
+                        lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        batch_size=batch_size, lr_milestones=lr_milestones, lr_gamma=lr_gamma,
+                        cutmix_p=cutmix_p, augment=augment, test_images=test_images,
+                        test_labels=test_labels, device=device, progress=progress,
+                        channels_last=channels_last)
         for k in range(len(experts), num_experts):
-            experts.append(train_expert(
-                network_factory, images, labels, index=k, epochs=epochs, seed=seed, lr=lr,
-                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-                lr_milestones=lr_milestones, lr_gamma=lr_gamma, cutmix_p=cutmix_p,
-                augment=augment, test_images=test_images, test_labels=test_labels,
-                device=device, progress=progress, channels_last=channels_last,
-                desc=f"expert {k + 1}/{num_experts}"))
+            experts.append(train(index=k, desc=f"expert {k + 1}/{num_experts}"))
             pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
             pool._check_distinct_inits()
             directory.mkdir(parents=True, exist_ok=True)
@@ -299,6 +305,52 @@ class ExpertPool:
         if pool is None:
             pool = cls(experts, network_factory, seed=seed,
                        meta={**(manifest or {}).get("meta", {}), **pool_meta})
+        return pool
+
+    @classmethod
+    def _load_or_train_spread(cls, directory, network_factory, images, labels, *, rank: int,
+                              world_size: int, log, num_experts: int, epochs: int, seed: int,
+                              meta, **settings) -> "ExpertPool":
+        """:meth:`load_or_train` by ``world_size`` processes (see its ``rank``)."""
+        from . import distributed
+        if not distributed.active(world_size):
+            raise ExpertError(f"training experts with world_size={world_size} needs a running "
+                              f"process group of {world_size} processes (torchrun); without "
+                              f"one, leave rank and world_size at 0 and 1")
+        directory = Path(directory)
+        recipe = _recipe(epochs, seed, settings["lr"], settings["momentum"],
+                         settings["weight_decay"], settings["batch_size"], settings["augment"],
+                         settings.pop("augment_name"), settings["lr_milestones"],
+                         settings["lr_gamma"], settings["cutmix_p"])
+
+        def train_mine():
+            pool_meta, manifest, cached = _cached_experts(directory, num_experts, recipe, meta,
+                                                          log)
+            missing = list(range(len(cached), num_experts))
+            if missing and log is not None:
+                log(f"experts: training {len(missing)} of {num_experts} for {epochs} epochs, "
+                    f"dealt over {world_size} processes (expert k by process k % "
+                    f"{world_size}; saved to {directory})")
+            for k in (k for k in missing if k % world_size == rank):
+                expert = train_expert(network_factory, images, labels, index=k, epochs=epochs,
+                                      seed=seed, desc=f"expert {k + 1}/{num_experts}",
+                                      **settings)
+                directory.mkdir(parents=True, exist_ok=True)
+                _write_expert(directory, k, expert)
+            return pool_meta, manifest, missing
+
+        pool_meta, manifest, missing = distributed.together(train_mine)
+        experts = [_load_expert(directory, k) for k in range(num_experts)]
+        pool = cls(experts, network_factory, seed=seed,
+                   meta=pool_meta if missing else {**(manifest or {}).get("meta", {}),
+                                                   **pool_meta})
+        if missing:
+            pool._check_distinct_inits()
+            distributed.together(lambda: rank == 0 and pool._write_manifest(directory))
+            for k in missing:
+                if log is not None:
+                    log(f"experts: expert {k} trained by process {k % world_size}, "
+                        f"{_accuracy_text(experts[k])}")
         return pool
 
     @classmethod
@@ -393,6 +445,38 @@ def _recipe(epochs, seed, lr, momentum, weight_decay, batch_size, augment,
     if cutmix_p:
         recipe["cutmix_p"] = cutmix_p
     return recipe
+
+
+def _write_expert(directory: Path, k: int, e: Expert) -> None:
+    """Expert ``e`` as ``directory/expert_<k>.pt``, atomically."""
+    atomic_torch_save(directory / f"expert_{k}.pt",
+                      {"format": FORMAT, "init": e.init_state, "trained": e.trained_state,
+                       "meta": e.meta})
+
+
+def _cached_experts(directory: Path, num_experts: int, recipe: dict, meta: dict | None, log
+                    ) -> tuple[dict, dict | None, list[Expert]]:
+    """The pool's metadata (``recipe`` and ``meta``), the manifest of ``directory`` (None when
+    it has none) and the first of its ``num_experts`` experts that it records. An
+    :class:`ExpertError` for a directory of another recipe or meta, or a non-empty directory
+    that is not an expert pool."""
+    directory = Path(directory)
+    pool_meta = {**recipe, **(meta or {})}
+    manifest = _read_manifest(directory)
+    if manifest is None and directory.exists() and any(directory.iterdir()):
+        if not all(p.name.startswith(".") or p.name.startswith("expert_")
+                   for p in directory.iterdir()):
+            raise ExpertError(f"{directory} exists but holds no expert pool (no {MANIFEST}); "
+                              f"point to an empty or new directory")
+    experts: list[Expert] = []
+    if manifest is not None:
+        _check_expected(directory, _with_schedule_defaults(manifest.get("meta", {})),
+                        _with_schedule_defaults(pool_meta))
+        have = min(int(manifest.get("num_experts", 0)), num_experts)
+        experts = [_load_expert(directory, k) for k in range(have)]
+        if log is not None and experts:
+            log(f"experts: loaded {len(experts)} from {directory}")
+    return pool_meta, manifest, experts
 
 
 def _accuracy_text(expert: Expert) -> str:

@@ -126,11 +126,8 @@ class DMHost:
         real_chunk = default_real_chunk(self.device) if real_chunk is None else real_chunk
         syn_chunk = default_syn_chunk(self.device) if syn_chunk is None else syn_chunk
         real_block = default_real_block(self.device) if real_block is None else real_block
-        if shard is not None and shard.num_classes != self.num_classes:
-            raise ValueError(f"DMHost: the shard splits {shard.num_classes} classes, the real "
-                             f"data has {self.num_classes}")
         self.shard = shard
-        self.classes = shard.classes if shard is not None else range(self.num_classes)
+        self.classes = shard_classes("DMHost", shard, self.num_classes)
         self.ipc = check_host_args("DMHost", syn_init, len(self.classes), positive={
             "num_iterations": num_iterations, "batch_real": batch_real, "real_chunk": real_chunk,
             "real_block": real_block, "syn_chunk": syn_chunk})
@@ -148,9 +145,8 @@ class DMHost:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.extractor = build_network(network_factory).to(self.device).train().requires_grad_(False)
         self.extractor.to(memory_format=self.memory_format)
-        if shard is not None and not batch_independent(self.extractor):
-            raise ValueError("DMHost: a class-sharded host needs a network whose forward treats "
-                             "images independently (no BatchNorm in training mode)")
+        if shard is not None:
+            check_batch_independent("DMHost", self.extractor)
         self.compile_real = bool(compile_real)
         self.compile_syn = bool(compile_syn)
         self._compiled: dict[nn.Module, Callable] = {}
@@ -277,18 +273,11 @@ class DMHost:
         with stage("auxiliary_losses"):
             parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t)
         total = match + sum(parts.values()) if parts else match
-        if self.shard is not None:  # every rank gets the sums over all classes
-            values = self.shard.sum([float(total.detach()), float(match.detach()),
-                                     *(float(v.detach()) for v in parts.values()),
-                                     kept, drawn])
-            metrics = {"loss": values[0], "loss_match": values[1],
-                       **{f"loss_{name}": v for name, v in zip(parts, values[2:])},
-                       "real_kept": values[-2] / max(values[-1], 1)}
-            return total, metrics
-        metrics = {"loss": float(total.detach()), "loss_match": float(match.detach()),
-                   **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
-                   "real_kept": kept / max(drawn, 1)}
-        return total, metrics
+        sums = sum_over_shards(self.shard, {  # a sharded host: the sums over every rank
+            "loss": float(total.detach()), "loss_match": float(match.detach()),
+            **{f"loss_{name}": float(v.detach()) for name, v in parts.items()},
+            "kept": kept, "drawn": drawn})
+        return total, with_real_kept(sums)
 
     def step(self, t: int | None = None) -> dict:
         """Run one iteration (default: the next one) and return its metrics."""
@@ -338,18 +327,10 @@ class DMHost:
     def state_dict(self) -> dict:
         """Everything needed to resume: next iteration, stored images, optimiser state (and,
         for a sharded host, its classes ``[first, last + 1]``)."""
-        state = {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
-                 "optimizer": self.optimizer.state_dict()}
-        if self.shard is not None:
-            state["classes"] = [self.classes.start, self.classes.stop]
-        return state
+        return synthetic_state(self, self.optimizer.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; a state of other classes (another shard) is refused."""
-        mine = None if self.shard is None else [self.classes.start, self.classes.stop]
-        if state.get("classes") != mine:
-            raise ValueError(f"the state holds classes {state.get('classes', 'all')}, this host "
-                             f"{mine or 'all'}")
         restore_synthetic(self, state)
 
 
@@ -389,9 +370,78 @@ def check_host_args(owner: str, syn_init: torch.Tensor, num_classes: int, *,
     return syn_init.shape[0] // num_classes
 
 
+# -- class sharding: what every host that can run class-sharded shares ----------------------
+def shard_classes(owner: str, shard: ClassShard | None, num_classes: int) -> range:
+    """The classes a host optimises: ``shard.classes``, or every class without a shard. A
+    ValueError (naming ``owner``) when the shard splits another number of classes."""
+    if shard is None:
+        return range(num_classes)
+    if shard.num_classes != num_classes:
+        raise ValueError(f"{owner}: the shard splits {shard.num_classes} classes, the real "
+                         f"data has {num_classes}")
+    return shard.classes
+
+
+def check_batch_independent(owner: str, network: nn.Module) -> None:
+    """A ValueError unless ``network``'s forward treats the images of a batch independently
+    (no BatchNorm in training mode): a class-sharded host whose forwards batch several classes
+    would otherwise compute other numbers than one process."""
+    if not batch_independent(network):
+        raise ValueError(f"{owner}: a class-sharded host needs a network whose forward treats "
+                         f"images independently (no BatchNorm in training mode)")
+
+
+def sum_over_shards(shard: ClassShard | None, values: dict[str, float]) -> dict[str, float]:
+    """``values`` summed over the ranks of a sharded run (one collective; every rank must pass
+    the same keys in the same order), as they are without a shard or process group."""
+    if shard is None:
+        return {k: float(v) for k, v in values.items()}
+    return dict(zip(values, shard.sum(list(values.values()))))
+
+
+def with_real_kept(sums: dict[str, float]) -> dict[str, float]:
+    """Metrics with the counts ``kept`` and ``drawn`` (real samples matched / drawn) replaced
+    by their ratio ``real_kept`` (1 when nothing was drawn)."""
+    out = {k: v for k, v in sums.items() if k not in ("kept", "drawn")}
+    out["real_kept"] = sums["kept"] / max(sums["drawn"], 1)
+    return out
+
+
+def image_step(optimizer: torch.optim.Optimizer, syn: torch.Tensor,
+               loss: torch.Tensor | None) -> None:
+    """One step of the image optimiser on ``loss``'s gradient. ``loss`` None is the step of a
+    class a sharded host does not hold: a zero gradient, so the held images move by their
+    momentum exactly as in one process, where another class's step leaves their gradient zero
+    (hosts that step class by class with one optimiser over every image, DANCE and IDM, call
+    this for every class, held or not)."""
+    optimizer.zero_grad(set_to_none=True)
+    if loss is None:
+        syn.grad = torch.zeros_like(syn)
+    else:
+        loss.backward()
+    optimizer.step()
+
+
+def synthetic_state(host, optimizer_state: dict) -> dict:
+    """The part of a checkpoint every host has: next iteration, stored images (a CPU copy), the
+    image optimiser's state and, for a sharded host (``host.shard`` set), its classes
+    ``[first, last + 1]``."""
+    state = {"iteration": host.iteration, "syn": host.syn.detach().cpu().clone(),
+             "optimizer": optimizer_state}
+    if getattr(host, "shard", None) is not None:
+        state["classes"] = [host.classes.start, host.classes.stop]
+    return state
+
+
 def restore_synthetic(host, state: dict) -> None:
     """Load the part of a checkpoint every host has: the stored images ``syn`` (shape checked
-    against ``host.syn``), the image optimiser's state and the next iteration."""
+    against ``host.syn``), the image optimiser's state and the next iteration. A state of other
+    classes than the host's (another shard, or a whole run for a shard) is refused."""
+    mine = (None if getattr(host, "shard", None) is None else
+            [host.classes.start, host.classes.stop])
+    if state.get("classes") != mine:
+        raise ValueError(f"the state holds classes {state.get('classes', 'all')}, this host "
+                         f"{mine or 'all'}")
     if tuple(state["syn"].shape) != tuple(host.syn.shape):
         raise ValueError(f"checkpoint holds synthetic images of shape "
                          f"{tuple(state['syn'].shape)}, this run expects {tuple(host.syn.shape)}")

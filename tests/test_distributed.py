@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from baselines import dm, idm
+from baselines import dm
 from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import evaluate_synset, resolve_protocol, summarize_accuracies
 from dm_plugins import DMHost, PluginSet
@@ -80,6 +80,35 @@ def test_dsa_with_num_groups_gives_each_group_the_draw_of_its_id():
         dsa.siamese(x, groups + 1, g, num_groups=4)
 
 
+def _sharded_runs_equal_one(make, num_classes, ipc, check_metrics=("loss",)):
+    """``make(shard)`` hosts: one holding every class against K=2 shards run one after
+    another (no process group: each logs its own classes' sums). The shards' images, in class
+    order, equal the single host's; their logged sums add up to its; their states name their
+    classes and refuse another shard's."""
+    single, logged = make(None), []
+    single.run(callback=lambda t, m: logged.append(m), progress=False)
+    parts, shard_logs = [], []
+    for rank in range(2):
+        shard = ClassShard(num_classes, rank, 2)
+        h, seen = make(shard), []
+        h.run(callback=lambda t, m: seen.append(m), progress=False)
+        assert torch.equal(h.syn_labels.cpu(),
+                           torch.tensor(list(shard.classes)).repeat_interleave(ipc))
+        assert h.state_dict()["classes"] == [shard.classes.start, shard.classes.stop]
+        parts.append(h.syn.detach())
+        shard_logs.append(seen)
+    torch.testing.assert_close(torch.cat(parts), single.syn.detach(), rtol=0, atol=1e-6)
+    for key in check_metrics:
+        torch.testing.assert_close(
+            torch.tensor([[m[key] for m in log] for log in shard_logs]).sum(0),
+            torch.tensor([m[key] for m in logged]), rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="classes"):
+        make(ClassShard(num_classes, 0, 2)).load_state_dict(
+            make(ClassShard(num_classes, 1, 2)).state_dict())
+    with pytest.raises(ValueError, match="classes"):
+        make(ClassShard(num_classes, 0, 2)).load_state_dict(single.state_dict())
+
+
 @pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
 def test_sharded_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
     ipc = 2
@@ -92,27 +121,7 @@ def test_sharded_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
         return DMHost(real, tiny_factory, mine, num_iterations=4, batch_real=5, seed=3,
                       plugins=PluginSet.from_names(spec, experts=pool),
                       augment=DSA(flip=False).siamese, shard=shard)
-
-    single, losses = host(), []
-    single.run(callback=lambda t, m: losses.append(m["loss"]), progress=False)
-    parts, shard_losses = [], []
-    for rank in range(2):                           # 3 classes: ranks hold [0, 1] and [2]
-        shard = ClassShard(toy.num_classes, rank, 2)
-        h, seen = host(shard), []
-        h.run(callback=lambda t, m: seen.append(m["loss"]), progress=False)
-        assert torch.equal(h.syn_labels, torch.tensor(list(shard.classes)).repeat_interleave(ipc))
-        parts.append(h.syn.detach())
-        shard_losses.append(seen)
-        assert h.state_dict()["classes"] == [shard.classes.start, shard.classes.stop]
-    torch.testing.assert_close(torch.cat(parts), single.syn.detach(), rtol=0, atol=1e-6)
-    # without a process group each rank logs its own classes' part of the loss
-    torch.testing.assert_close(torch.tensor(shard_losses).sum(0), torch.tensor(losses),
-                               rtol=1e-5, atol=1e-6)
-    other = host(ClassShard(toy.num_classes, 0, 2))
-    with pytest.raises(ValueError, match="classes"):
-        other.load_state_dict(host(ClassShard(toy.num_classes, 1, 2)).state_dict())
-    with pytest.raises(ValueError, match="classes"):
-        other.load_state_dict(single.state_dict())
+    _sharded_runs_equal_one(host, toy.num_classes, ipc)             # ranks: [0, 1] and [2]
 
 
 def test_a_shard_must_split_the_real_datas_classes(toy, tiny_factory):
@@ -144,8 +153,12 @@ def _one_line_error(capsys, code, *fragments):
 def test_methods_that_do_not_shard_refuse_several_processes(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    _one_line_error(capsys, idm.main(TINY + ["--out", str(tmp_path / "r")]),
-                    "baselines/idm.py", "one process", "WORLD_SIZE=2")
+    from dataclasses import replace
+
+    from baselines.harness import driver
+    unsharded = replace(dm.SPEC, name="mine", shards_classes=False)   # e.g. a third party's
+    _one_line_error(capsys, driver.main(unsharded, TINY + ["--out", str(tmp_path / "r")]),
+                    "baselines/mine.py", "one process", "WORLD_SIZE=2")
     assert not (tmp_path / "r").exists()
     monkeypatch.setenv("WORLD_SIZE", "two")
     _one_line_error(capsys, dm.main(TINY + ["--out", str(tmp_path / "r")]), "WORLD_SIZE")
@@ -200,3 +213,85 @@ def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[0, 2], mine])
     with pytest.raises(RunError, match="share no iteration"):
         driver._common_checkpoint(states, World(1, 2), run)
+
+
+@pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
+def test_sharded_dance_hosts_together_equal_one_host(spec, toy, pool):
+    from functools import partial
+
+    from adapters.dance import DANCEHost
+    from baselines.harness.factorization import decode
+    from tests.conftest import group_scale_augment
+    from tests.test_dance import normalize, pixel_init
+    stored = pixel_init(toy)                                  # ipc 1, factor 2, 3 classes
+
+    def make(shard):
+        mine = stored if shard is None else stored[shard.classes.start:shard.classes.stop]
+        real = toy if shard is None else ShardedClassData.restrict(toy, shard.classes)
+        return DANCEHost(real, pool, mine, plugins=PluginSet.from_names(spec, experts=pool),
+                         normalize=normalize, num_iterations=4, augment=group_scale_augment,
+                         decode=partial(decode, factor=2), batch_real=5, batch_syn_max=3,
+                         lr=0.05, momentum=0.5, iter_calib=2, seed=0, shard=shard)
+    _sharded_runs_equal_one(make, toy.num_classes, 1,
+                            ("loss", "loss_match", "loss_plm" if "plm" in spec else "loss_ce"))
+
+
+@pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
+def test_sharded_idm_hosts_together_equal_one_host(spec, toy, tiny_factory, pool):
+    from functools import partial
+
+    from adapters.idm import IDMHost
+    from baselines.harness.factorization import decode, mosaic_init
+    from tests.conftest import group_scale_augment
+    g = torch.Generator().manual_seed(3)
+    stored = torch.cat([mosaic_init(toy.sample(c, 4, g), 2) for c in range(toy.num_classes)])
+
+    def make(shard):
+        mine = stored if shard is None else stored[shard.classes.start:shard.classes.stop]
+        return IDMHost(toy, tiny_factory, mine, plugins=PluginSet.from_names(spec, experts=pool),
+                       num_iterations=4, augment=group_scale_augment,
+                       decode=partial(decode, factor=2), batch_real=5, lr=0.2, momentum=0.5,
+                       ce_weight=0.5, net_num=5, net_generate_interval=2, model_train_steps=2,
+                       trained_bs=6, meter_interval=3, seed=0, shard=shard)
+    _sharded_runs_equal_one(make, toy.num_classes, 1, ("loss", "loss_match", "loss_ce", "ce")
+                            + (("loss_plm",) if "plm" in spec else ()))
+    # the queue is replicated: every shard trains it as one process does
+    hosts = [make(None), make(ClassShard(toy.num_classes, 1, 2))]
+    for h in hosts:
+        h.run(progress=False)
+    for a, b in zip(hosts[0].queue, hosts[1].queue, strict=True):
+        assert a.serial == b.serial and (a.correct, a.seen) == (b.correct, b.seen)
+        for x, y in zip(a.net.state_dict().values(), b.net.state_dict().values()):
+            assert torch.equal(x, y)
+
+
+def test_a_sharded_idm_host_needs_every_class_of_the_real_data(toy, tiny_factory):
+    from baselines.harness.idm import IDM
+    shard = ClassShard(toy.num_classes, 0, 2)
+    with pytest.raises(ValueError, match="every class's real images"):
+        IDM(ShardedClassData.restrict(toy, shard.classes), tiny_factory, toy.images[:2],
+            num_iterations=1, shard=shard)
+
+
+def test_a_sharded_dance_host_refuses_a_class_without_inter_class_loss(toy, pool):
+    from adapters.dance import DANCEHost
+    from tests.test_dance import normalize, pixel_init
+
+    class NoInterClass(DANCEHost):
+        def inter_class_losses(self, syn_images, syn_labels, t):
+            return {}
+    shard = ClassShard(toy.num_classes, 1, 2)
+    host = NoInterClass(ShardedClassData.restrict(toy, shard.classes), pool,
+                        pixel_init(toy)[shard.classes.start:], normalize=normalize,
+                        num_iterations=1, batch_real=4, shard=shard)
+    with pytest.raises(ValueError, match="no inter-class loss"):
+        host.step(0)
+
+
+def test_spreading_expert_training_needs_a_process_group(tmp_path, toy, tiny_factory):
+    from dm_plugins import ExpertPool
+    from dm_plugins.errors import ExpertError
+    with pytest.raises(ExpertError, match="process group of 2"):
+        ExpertPool.load_or_train(tmp_path, tiny_factory, toy.images, toy.labels, num_experts=2,
+                                 epochs=1, rank=1, world_size=2, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -7,12 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from baselines import dm
+from baselines import dance, dm, idm
 from baselines.harness.datasets import load_dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import evaluate_synset
@@ -36,12 +37,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, stop_at=None, script="tests/dist_worker.py"):
+def torchrun(args, stop_at=None, script="tests/dist_worker.py", method="dm",
+             random_experts=True):
     """Launch 2 ranks of ``script`` (gloo on CPU); the completed process. The worker script
-    uses the random stand-in experts (as the in-process runs here) and stops at ``stop_at``."""
+    runs ``baselines/<method>.py``, uses the random stand-in experts (as the in-process runs
+    here) unless ``random_experts`` is False, and stops at ``stop_at``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "DM_TEST_RANDOM_EXPERTS": "1"}
-    env.pop("DM_TEST_STOP_AT", None)
+           "MKL_NUM_THREADS": "1", "DM_TEST_METHOD": method}
+    for name in ("DM_TEST_STOP_AT", "DM_TEST_RANDOM_EXPERTS"):
+        env.pop(name, None)
+    if random_experts:
+        env["DM_TEST_RANDOM_EXPERTS"] = "1"
     if stop_at is not None:
         env["DM_TEST_STOP_AT"] = str(stop_at)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -60,6 +66,17 @@ def _assert_same_sets(one, two):
         torch.testing.assert_close(b[c], a[c], rtol=0, atol=ATOL, msg=f"class {c}")
     assert torch.equal(load_synset(one / "synthetic.pt").labels,
                        load_synset(two / "synthetic.pt").labels)
+
+
+@contextmanager
+def _one_thread():
+    """One torch thread, as each rank runs (so serial and sharded runs compute alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _metrics(run):
@@ -86,15 +103,11 @@ def test_two_processes_equal_one_and_split_the_evaluation(tmp_path):
     results = json.loads((two / "results.json").read_text())
     synset = load_synset(two / "synthetic.pt")
     digits = load_dataset("digits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks ran
-    try:
+    with _one_thread():  # as the ranks ran
         serial = evaluate_synset(digits.normalize(synset.images), synset.labels,
                                  digits.test.images, digits.test.labels, "convnet", runs=3,
                                  epochs=2, seed=0, augment=DSA(flip=False), progress=False,
                                  num_classes=10, channels_last=True)
-    finally:
-        torch.set_num_threads(threads)
     assert results["accuracies"] == serial["accuracies"]
     assert results["accuracy_mean"] == serial["accuracy_mean"]
 
@@ -121,4 +134,62 @@ def test_two_processes_with_plugins_stop_resume_and_equal_one(tmp_path, capsys,
     assert [m["iteration"] for m in _metrics(two)] == [0, 1, 2]
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         assert b["loss_plm"] == pytest.approx(a["loss_plm"], rel=1e-5)
+        assert b["real_kept"] == pytest.approx(a["real_kept"])
+
+
+def _assert_same_pools(one, two, num_experts=2):
+    for k in range(num_experts):
+        a, b = (torch.load(d / f"expert_{k}.pt", weights_only=True) for d in (one, two))
+        for which in ("init", "trained"):
+            assert a[which].keys() == b[which].keys()
+            for name in a[which]:
+                torch.testing.assert_close(b[which][name], a[which][name], rtol=0, atol=0,
+                                           msg=f"expert {k} {which} {name}")
+    assert (json.loads((two / "manifest.json").read_text())["num_experts"] == num_experts)
+
+
+def test_dance_two_processes_train_the_expert_pool_and_equal_one(tmp_path):
+    """DANCE over 2 ranks, twice: without plugins, the 2 ranks training the 2 experts (one
+    each) into an empty cache; then with every plugin, on the one-process run's pool. Each
+    time the gathered set equals the one-process run's class by class."""
+    pools = {n: tmp_path / f"pool-{n}" for n in ("one", "two")}
+    runs = {n: tmp_path / f"none-{n}" for n in ("one", "two")}
+    args = TINY + ["--plugins", "none"]
+    with _one_thread():
+        assert dance.main(args + ["--experts", str(pools["one"]), "--out", str(runs["one"])]) == 0
+    done = torchrun(args + ["--experts", str(pools["two"]), "--out", str(runs["two"])],
+                    method="dance", random_experts=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_pools(pools["one"], pools["two"])
+    assert "expert 1 trained by process 1" in (runs["two"] / "run.log").read_text()
+    _assert_same_sets(runs["one"], runs["two"])
+    for a, b in zip(_metrics(runs["one"]), _metrics(runs["two"]), strict=True):
+        assert b["loss_ce"] == pytest.approx(a["loss_ce"], rel=1e-5)
+        assert (b["mix"], b["expert"]) == (a["mix"], a["expert"])
+
+    args = TINY + ["--plugins", "cap,ptm,plm", "--experts", str(pools["one"])]
+    one, two = tmp_path / "all-one", tmp_path / "all-two"
+    with _one_thread():
+        assert dance.main(args + ["--out", str(one)]) == 0
+    done = torchrun(args + ["--out", str(two)], method="dance", random_experts=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_sets(one, two)
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        assert b["loss_plm"] == pytest.approx(a["loss_plm"], rel=1e-5)
+        assert b["real_kept"] == pytest.approx(a["real_kept"])
+
+
+def test_idm_two_processes_with_plugins_equal_one(tmp_path, random_experts):
+    """IDM over 2 ranks with every plugin: each rank trains the whole model queue itself, the
+    matching is split by class; the gathered set and the logged sums equal one process's."""
+    args = TINY + ["--plugins", "cap,ptm,plm", "--model-train-steps", "1", "--trained-bs", "16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with _one_thread():
+        assert idm.main(args + ["--out", str(one)]) == 0
+    done = torchrun(args + ["--out", str(two)], method="idm")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_sets(one, two)
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        for key in ("loss", "loss_match", "loss_ce", "loss_plm", "ce_scale", "trained_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["real_kept"] == pytest.approx(a["real_kept"])

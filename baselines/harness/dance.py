@@ -31,6 +31,18 @@ One SGD optimiser (lr ``0.01 x IPC``, momentum 0.5) holds every stored image, so
 per-class steps share one momentum buffer. Every random draw comes from a generator derived
 from the run seed and ``t`` (and the class or step), so a resumed run equals an uninterrupted one.
 
+Class-sharded (``shard=``, ``torchrun --nproc-per-node K baselines/dance.py``; the contract is
+:mod:`dm_plugins.distributed`'s): a process holds and optimises only its classes' stored images.
+Every loss term is one class's, and each class's draws (real batch, augmentation, subset) have
+their own generator, while the middle model's weight ``l`` and the expert depend only on ``t``,
+so a class's terms are those of one process. The classes are still coupled through the shared
+momentum buffer: each class's step moves every image by its momentum, so a process steps for
+every class in order, a zero-gradient step for a class it does not hold
+(:func:`dm_plugins.loop.image_step`). No gradient or image is exchanged; only the logged sums
+(one small collective an iteration). Gathered in class order, the K processes' images equal one
+process's up to float rounding. Every forward here runs on one class's images, so no batch mixes
+classes (the run driver still refuses BatchNorm networks for any run of several processes).
+
 Deliberate differences from the reference code (none changes a loss):
 
 * Randomness is seeded (the reference draws from the global, clock-seeded generators).
@@ -52,7 +64,9 @@ from torch import nn
 
 from dm_plugins.experts import ExpertPool
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
-from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
+from dm_plugins.distributed import ClassShard
+from dm_plugins.loop import (check_host_args, image_step, restore_synthetic, run_iterations,
+                             shard_classes, sum_over_shards, synthetic_state, with_real_kept)
 from dm_plugins.seeding import make_generator
 from dm_plugins.trajectory import interpolate_parameters_
 
@@ -96,6 +110,10 @@ class DANCE:
         channels_last: networks and images in channels-last memory format.
         real_chunk: the inner-class real forward runs in chunks of at most this many images
             (None: :func:`dm_plugins.loop.default_real_chunk`; same result, faster on CPU).
+        shard: a :class:`dm_plugins.distributed.ClassShard`: optimise only its classes
+            (``syn_init`` then holds only theirs, sorted by class; ``real`` may hold only their
+            images, a :class:`dm_plugins.distributed.ShardedClassData`); the logged losses and
+            ``real_kept`` are summed over the ranks. None: every class.
     """
 
     def __init__(self, real, experts: ExpertPool, syn_init: torch.Tensor, *,
@@ -103,12 +121,15 @@ class DANCE:
                  augment=None, decode=None, batch_real: int = 128, batch_syn_max: int = 200,
                  lr: float = 0.1, momentum: float = 0.5, iter_calib: int = 1, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 real_chunk: int | None = None, extra: dict | None = None):
+                 real_chunk: int | None = None, extra: dict | None = None,
+                 shard: ClassShard | None = None):
         self.real = real
         self.experts = experts
         real_chunk = default_real_chunk(device) if real_chunk is None else real_chunk
         self.num_classes = int(real.num_classes)
-        self.ipc = check_host_args("DANCE", syn_init, self.num_classes, positive={
+        self.shard = shard
+        self.classes = shard_classes("DANCE", shard, self.num_classes)
+        self.ipc = check_host_args("DANCE", syn_init, len(self.classes), positive={
             "num_iterations": num_iterations, "batch_real": batch_real,
             "batch_syn_max": batch_syn_max, "real_chunk": real_chunk}, nonnegative={"iter_calib": iter_calib})
         if len(experts) < 1:
@@ -124,7 +145,7 @@ class DANCE:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.extra = dict(extra or {})
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
-        self.syn_labels = torch.arange(self.num_classes,
+        self.syn_labels = torch.arange(self.classes.start, self.classes.stop,
                                        device=self.device).repeat_interleave(self.ipc)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
         self._middle = experts.network(self.device, self.memory_format)
@@ -175,8 +196,9 @@ class DANCE:
     def synthetic_view(self, c: int, t: int, view: int, step: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ``c``'s stored images decoded (pixel space), at most ``batch_syn_max`` of
-        them (a random subset beyond that), and their labels."""
-        rows = slice(c * self.ipc, (c + 1) * self.ipc)
+        them (a random subset beyond that), and their labels (``c`` a class the host holds)."""
+        first = (c - self.classes.start) * self.ipc
+        rows = slice(first, first + self.ipc)
         images, labels = self.syn[rows], self.syn_labels[rows]
         if self.decode is not None:
             images, labels = self.decode(images, labels)
@@ -208,16 +230,16 @@ class DANCE:
         loss = ((kept.mean(0) - syn_features.mean(0)) ** 2).sum()
         return loss, real.shape[0], int(kept.shape[0])
 
-    def _image_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
     def step(self, t: int | None = None) -> dict:
         """Run iteration ``t`` (default: the next one); return its metrics: ``loss`` (both
         views summed over classes), ``loss_match`` (inner-class), ``loss_<name>`` per
         inter-class loss (summed over classes and passes), ``mix`` (DANCE's ``l``),
-        ``expert``, ``real_kept``."""
+        ``expert``, ``real_kept`` (sums over every class also when sharded).
+
+        A class the host does not hold gets a zero-gradient step in its place (see the module
+        docstring). A class's inter-class step is skipped when its losses are empty; a sharded
+        host cannot know that of a class it does not hold, so it refuses (ValueError) empty
+        inter-class losses: every class must have them (DANCE's CE, PLM's loss do)."""
         t = self.iteration if t is None else t
         self.start()
         begin = time.perf_counter()
@@ -226,26 +248,37 @@ class DANCE:
         extractor = self.matching_extractor(t, lambda: self.middle_model(t))
         match, drawn, kept = 0.0, 0, 0
         for c in range(self.num_classes):
+            if c not in self.classes:
+                image_step(self.optimizer, self.syn, None)
+                continue
             loss, n_real, n_kept = self.inner_class_loss(extractor, c, t)
-            self._image_step(loss)
+            image_step(self.optimizer, self.syn, loss)
             match += float(loss.detach())
             drawn, kept = drawn + n_real, kept + n_kept
         inter: dict[str, float] = {}
         for step in range(self.iter_calib):
             for c in range(self.num_classes):
+                if c not in self.classes:
+                    image_step(self.optimizer, self.syn, None)
+                    continue
                 syn, labels = self.synthetic_view(c, t, _INTER, step)
                 syn_aug = self._augment(self.normalize(syn), c, t, _INTER, step)
                 losses = self.inter_class_losses(syn_aug, labels, t)
                 if not losses:
+                    if self.shard is not None:
+                        raise ValueError(f"DANCE: class {c} has no inter-class loss; a "
+                                         f"class-sharded host needs one for every class")
                     continue
-                self._image_step(sum(losses.values()))
+                image_step(self.optimizer, self.syn, sum(losses.values()))
                 for name, value in losses.items():
                     inter[name] = inter.get(name, 0.0) + float(value.detach())
-        metrics = {"loss": match + sum(inter.values()), "loss_match": match}
-        metrics.update({f"loss_{name}": value for name, value in inter.items()})
+        sums = sum_over_shards(self.shard, {
+            "loss_match": match, **{f"loss_{name}": v for name, v in inter.items()},
+            "kept": kept, "drawn": drawn})
+        metrics = {"loss": sums["loss_match"] + sum(sums[f"loss_{name}"] for name in inter),
+                   **with_real_kept(sums)}
         metrics["mix"] = self.mixing_weight(t)
         metrics["expert"] = self.experts.pick(t)
-        metrics["real_kept"] = kept / max(drawn, 1)
         self.iteration = t + 1
         metrics["iteration"] = t
         metrics["seconds"] = time.perf_counter() - begin
@@ -262,9 +295,9 @@ class DANCE:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: next iteration, stored images and the image
-        optimiser's state (the experts are read-only and saved elsewhere)."""
-        return {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
-                "optimizer": self.optimizer.state_dict()}
+        optimiser's state (the experts are read-only and saved elsewhere); a sharded host's
+        also names its classes, and :meth:`load_state_dict` refuses another shard's."""
+        return synthetic_state(self, self.optimizer.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         restore_synthetic(self, state)

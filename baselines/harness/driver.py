@@ -131,6 +131,8 @@ class MethodSpec:
             :class:`dm_plugins.distributed.ClassShard`), ``syn_init`` holds only the shard's
             classes and ``dataset.train`` only their images (see :func:`run`). False: a launch
             of more than one process is refused before any work.
+        needs_every_class: with ``shards_classes``, ``dataset.train`` keeps every class's
+            images in every process (IDM: its model queue trains on all of them).
     """
 
     name: str
@@ -144,6 +146,7 @@ class MethodSpec:
     needs_experts: bool = False
     checks: Mapping[str, str] = field(default_factory=dict)
     shards_classes: bool = False
+    needs_every_class: bool = False
 
     def __post_init__(self):
         missing = [key for key in LAYERED if key not in self.defaults]
@@ -434,8 +437,8 @@ def _world(spec: MethodSpec):
         raise UsageError(str(exc)) from None
     if world.distributed and not spec.shards_classes:
         raise UsageError(f"{spec.prog or f'baselines/{spec.name}.py'} does not run in several "
-                         f"processes yet (WORLD_SIZE={world.world_size}); launch it as one process "
-                         f"(only baselines/dm.py shards classes over torchrun's processes)")
+                         f"processes (WORLD_SIZE={world.world_size}; its MethodSpec does not shard "
+                         f"classes); launch it as one process")
     return world
 
 
@@ -510,10 +513,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     ``world`` (a :class:`dm_plugins.distributed.World`, default one process): with K > 1
     processes every rank joins torchrun's process group (gloo on CPU, NCCL on CUDA), holds
     only its classes (:func:`dm_plugins.distributed.class_range`) of the real training images
-    and of the synthetic set, and writes its own ``checkpoint-rank<r>.pt``. Rank 0 alone loads
-    the data and the experts first (downloads and caches), creates the run directory and writes
-    everything else (config, log, metrics, synthetic set, grid, curves, results). The
-    evaluation runs are dealt over the ranks and gathered. ``--resume`` needs the same K.
+    (all of them when the spec ``needs_every_class``) and of the synthetic set, and writes its own ``checkpoint-rank<r>.pt``. Rank 0 alone loads
+    the data first (downloads and caches), creates the run directory and writes everything
+    else (config, log, metrics, synthetic set, grid, curves, results). Missing experts are
+    trained by every rank, expert k by rank k % K, and then loaded by all (the pool equals a
+    serial one). The evaluation runs are dealt over the ranks and gathered. ``--resume``
+    needs the same K.
     """
     from dm_plugins import ExpertPool, PluginSet, distributed, plugins_need_experts
 
@@ -588,12 +593,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         experts = None
         if spec.needs_experts or plugins_need_experts(config["plugins"]):
             expert_seed = config.get("expert_seed", config["seed"])
-            experts = distributed.main_first(world, lambda: load_or_train_experts(
+            experts = load_or_train_experts(  # missing experts dealt over the processes
                 dataset, config["arch"], num_experts=config["num_experts"],
                 epochs=config["expert_epochs"], seed=expert_seed,
                 directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
-                device=device, progress=progress, channels_last=channels_last, log=log)[0],
-                USER_ERRORS)
+                device=device, progress=progress, channels_last=channels_last, log=log,
+                rank=world.rank, world_size=world.world_size)[0]
             if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays
                 experts = ExpertPool(experts.experts, experts.network_factory,  # the run's own
                                      seed=config["seed"], meta=experts.meta)
@@ -607,8 +612,9 @@ def run(spec: MethodSpec, args: argparse.Namespace,
             shard = distributed.ClassShard(dataset.num_classes, world.rank, world.world_size)
             first, last = shard.classes.start, shard.classes.stop
             syn_init = syn_init[first * config["ipc"]:last * config["ipc"]]
-            dataset = dataclasses.replace(dataset, train=distributed.ShardedClassData.restrict(
-                dataset.train, shard.classes))
+            if not spec.needs_every_class:
+                dataset = dataclasses.replace(dataset, train=distributed.ShardedClassData
+                                              .restrict(dataset.train, shard.classes))
             extra["shard"] = shard
         host = spec.build_host(dataset, factory, syn_init, plugins, config, device,
                                channels_last, **extra)

@@ -74,10 +74,13 @@ def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epoc
                           seed: int, directory: str | Path | None = None,
                           recipe: str = DEFAULT_RECIPE,
                           device: torch.device = torch.device("cpu"), progress: bool = True,
-                          channels_last: bool = False, log: Callable[[str], None] = print) -> tuple[ExpertPool, Path]:
+                          channels_last: bool = False, log: Callable[[str], None] = print,
+                          rank: int = 0, world_size: int = 1) -> tuple[ExpertPool, Path]:
     """The first ``num_experts`` experts of ``directory`` (or the default cache entry), training
     and saving the missing ones first with :meth:`dm_plugins.ExpertPool.load_or_train` with
-    the named ``recipe`` (see :data:`RECIPES`; resumable expert by expert).
+    the named ``recipe`` (see :data:`RECIPES`; resumable expert by expert). In a run of
+    several processes every process calls this; ``rank`` / ``world_size`` deal the missing
+    experts over them (see :meth:`~dm_plugins.ExpertPool.load_or_train`).
 
     A directory holding experts for another dataset, architecture, class count or recipe
     raises :class:`ExpertError` (never a silent retrain).
@@ -94,7 +97,7 @@ def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epoc
         test_images=dataset.test.images, test_labels=dataset.test.labels, device=device,
         progress=progress, channels_last=channels_last,
         meta={"dataset": dataset.name, "arch": arch, "num_classes": dataset.num_classes},
-        log=log)
+        log=log, rank=rank, world_size=world_size)
     log(f"experts: {len(pool)} x {arch} ({pool.describe()}), mean test accuracy "
         f"{pool.mean_test_accuracy():.2f}% "
         f"({', '.join(format(e.meta.get('test_accuracy', float('nan')), '.1f') for e in pool.experts)})")

@@ -37,6 +37,26 @@ or training slot), and queue nets are initialised from a seed derived from their
 so a resumed run equals an uninterrupted one; :meth:`IDM.state_dict` holds the queue (every
 net's weights, optimiser state and meter).
 
+Class-sharded (``shard=``, ``torchrun --nproc-per-node K baselines/idm.py``; the contract is
+:mod:`dm_plugins.distributed`'s): a process holds and optimises only its classes' stored
+images; the result equals one process's up to float rounding. IDM couples the classes in two
+ways, and a sharded host handles them without exchanging anything but the logged sums:
+
+* the model queue, whose nets train on real batches of every class each iteration and whose
+  running accuracy weights every class's CE term: every process keeps every class's real
+  images and runs the whole queue (pushes, evictions, training, meters) itself, identically,
+  from the same seeds. This is replicated, not split: each process pays the queue's full
+  training cost (``fetch_net_num x model_train_steps`` steps an iteration), its memory (up to
+  ``net_num`` nets with their optimiser states) and the whole real training set, and each
+  process's checkpoint holds the whole queue. Only the matching passes are split;
+* the one image optimiser whose per-class steps share one momentum buffer: a process steps for
+  every class in order, a zero-gradient step for a class it does not hold
+  (:func:`dm_plugins.loop.image_step`), so its images move as in one process.
+
+A pass's real batches are drawn for every class from one generator (the images of the classes
+a process does not hold are not copied) and only its classes' are augmented and forwarded;
+the run driver refuses BatchNorm networks for runs of several processes.
+
 Deliberate differences from the reference code (all documented, none changes a loss):
 
 * Randomness is seeded (the reference seeds DSA and networks from the wall clock).
@@ -62,6 +82,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -70,7 +91,10 @@ from torch import nn
 
 from dm_plugins.experts import build_network
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
-from dm_plugins.loop import check_host_args, restore_synthetic, run_iterations
+from dm_plugins.distributed import ClassShard, skip_sample
+from dm_plugins.loop import (check_batch_independent, check_host_args, image_step,
+                             restore_synthetic, run_iterations, shard_classes, sum_over_shards,
+                             synthetic_state)
 from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
 
 
@@ -233,6 +257,10 @@ class IDM:
         real_chunk: the real forward of a pass runs in chunks of at most this many images (None:
             the device's default, :func:`dm_plugins.loop.default_real_chunk`; never chunked
             for networks with BatchNorm in training mode).
+        shard: a :class:`dm_plugins.distributed.ClassShard`: optimise only its classes
+            (``syn_init`` then holds only theirs, sorted by class; ``real`` must still hold
+            every class, for the queue); the logged losses and ``real_kept`` are summed over
+            the ranks (see the module docstring). None: every class.
     """
 
     def __init__(self, real, network_factory: Callable[[], nn.Module], syn_init: torch.Tensor, *,
@@ -243,12 +271,22 @@ class IDM:
                  trained_bs: int = 256, lr_net: float = 0.01, net_momentum: float = 0.9,
                  net_weight_decay: float = 5e-4, meter_interval: int = 100, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 real_chunk: int | None = None, extra: dict | None = None):
+                 real_chunk: int | None = None, extra: dict | None = None,
+                 shard: ClassShard | None = None):
         self.real = real
         real_chunk = default_real_chunk(device) if real_chunk is None else real_chunk
         self.network_factory = network_factory
         self.num_classes = int(real.num_classes)
-        self.ipc = check_host_args("IDM", syn_init, self.num_classes, positive={
+        self.shard = shard
+        self.classes = shard_classes("IDM", shard, self.num_classes)
+        if shard is not None:
+            held = getattr(real, "held_classes", None)
+            if held is not None and len(held) < self.num_classes:
+                raise ValueError(f"IDM: a class-sharded host needs every class's real images "
+                                 f"(its model queue trains on all of them); the data holds "
+                                 f"classes {held}")
+            check_batch_independent("IDM", build_network(network_factory).train())
+        self.ipc = check_host_args("IDM", syn_init, len(self.classes), positive={
             "num_iterations": num_iterations, "batch_real": batch_real, "net_num": net_num,
             "net_generate_interval": net_generate_interval, "initial_nets": initial_nets,
             "train_net_num": train_net_num, "trained_bs": trained_bs,
@@ -268,7 +306,7 @@ class IDM:
         self.real_chunk = int(real_chunk)
         self.extra = dict(extra or {})
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
-        self.syn_labels = torch.arange(self.num_classes,
+        self.syn_labels = torch.arange(self.classes.start, self.classes.stop,
                                        device=self.device).repeat_interleave(self.ipc)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
         self.queue = ModelQueue(network_factory, capacity=net_num, initial=initial_nets,
@@ -331,16 +369,16 @@ class IDM:
 
     def prepare_pass(self, t: int, k: int, queue_net: QueueNet) -> MatchingPass:
         """Set up pass ``k`` of iteration ``t``: the extractor and every class's real features
-        (one batched forward without a graph)."""
+        (one batched forward without a graph; a sharded host's other classes get none)."""
         queue_net.net.eval()  # as the reference; no effect on instance-norm ConvNets
         extractor = self.matching_extractor(t, queue_net.net)
         g = make_generator(self.seed, _REAL_STREAM, t, k)
-        batches = [self.real.sample(c, self.batch_real, g).to(self.device)
-                   for c in range(self.num_classes)]
+        batches = [(self.real.sample if c in self.classes else partial(skip_sample, self.real))(
+            c, self.batch_real, g).to(self.device) for c in range(self.num_classes)]
         with torch.no_grad():
-            augmented = torch.cat([
+            augmented = torch.cat([  # a class's draw has its own generator: skipping is safe
                 self._augment(b, torch.full((b.shape[0],), c, dtype=torch.long), t, k, c)
-                for c, b in enumerate(batches)])
+                if c in self.classes else b for c, b in enumerate(batches)])
             features = chunked_features(extractor.embed, augmented,
                                         chunk_for(extractor, self.real_chunk))
         real_features = list(features.split([b.shape[0] for b in batches]))
@@ -350,8 +388,9 @@ class IDM:
     def class_loss(self, p: MatchingPass, c: int) -> tuple[torch.Tensor, dict]:
         """Class ``c``'s loss in pass ``p`` (matching + weighted CE + extra losses) and its
         parts: ``match``, ``ce`` (weighted), ``ce_raw``, the extra losses by name (tensors), and
-        ``kept`` (how many real samples were matched, an int)."""
-        rows = slice(c * self.ipc, (c + 1) * self.ipc)
+        ``kept`` (how many real samples were matched, an int); ``c`` a class the host holds."""
+        first = (c - self.classes.start) * self.ipc
+        rows = slice(first, first + self.ipc)
         syn, labels = self.syn[rows], self.syn_labels[rows]
         if self.decode is not None:
             syn, labels = self.decode(syn, labels)
@@ -377,16 +416,18 @@ class IDM:
         return total, parts
 
     def matching_pass(self, t: int, k: int, queue_net: QueueNet) -> dict[str, float]:
-        """Step 3 for one queue net: per class, build its loss and step the stored images.
-        Returns the pass's sums over classes: ``loss`` and the parts of :meth:`class_loss`,
-        ``real`` (real samples drawn) and ``ce_scale``."""
+        """Step 3 for one queue net: per class, build its loss and step the stored images (a
+        zero-gradient step for a class a sharded host does not hold). Returns the pass's sums
+        over the host's classes: ``loss`` and the parts of :meth:`class_loss`, ``real`` (real
+        samples drawn) and ``ce_scale``."""
         p = self.prepare_pass(t, k, queue_net)
         sums: dict[str, float] = {"loss": 0.0, "real": 0}
         for c in range(self.num_classes):
+            if c not in self.classes:
+                image_step(self.optimizer, self.syn, None)
+                continue
             total, parts = self.class_loss(p, c)
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
+            image_step(self.optimizer, self.syn, total)
             sums["loss"] += float(total.detach())
             sums["real"] += p.real_features[c].shape[0]
             for name, value in parts.items():
@@ -427,7 +468,8 @@ class IDM:
         over classes and passes), ``loss_match``, ``loss_ce`` (the weighted class-aware term),
         ``loss_<name>`` for extra losses, ``ce`` (unweighted), ``ce_scale`` (ce_weight x
         accuracy of the matching net in percent; the mean over passes), ``real_kept``,
-        ``trained_accuracy`` (of the nets trained, after training), ``queue_size``."""
+        ``trained_accuracy`` (of the nets trained, after training), ``queue_size``. The sums
+        over classes are over every class also when sharded."""
         t = self.iteration if t is None else t
         self.start()
         begin = time.perf_counter()
@@ -437,10 +479,11 @@ class IDM:
         for k, index in enumerate(picks):
             for name, value in self.matching_pass(t, k, self.queue[index]).items():
                 sums[name] = sums.get(name, 0.0) + value
+        ce_scale = sums.pop("ce_scale") / len(picks)     # the same on every rank
+        sums = sum_over_shards(self.shard, sums)
         real, kept = sums.pop("real"), sums.pop("kept")
         metrics = {"loss": sums.pop("loss"), "loss_match": sums.pop("match"),
-                   "loss_ce": sums.pop("ce"), "ce": sums.pop("ce_raw"),
-                   "ce_scale": sums.pop("ce_scale") / len(picks)}
+                   "loss_ce": sums.pop("ce"), "ce": sums.pop("ce_raw"), "ce_scale": ce_scale}
         metrics.update({f"loss_{name}": value for name, value in sums.items()})
         metrics["real_kept"] = kept / max(real, 1)
         trained = self.train_queue(t)
@@ -462,10 +505,11 @@ class IDM:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: next iteration, stored images, image optimiser state
-        and the model queue (weights, optimiser states, meters), all copied to the CPU."""
-        return {"iteration": self.iteration, "syn": self.syn.detach().cpu().clone(),
-                "optimizer": _to_cpu(copy.deepcopy(self.optimizer.state_dict())),
-                "queue": self.queue.state_dict()}
+        and the model queue (weights, optimiser states, meters), all copied to the CPU; a
+        sharded host's also names its classes (another shard's is refused on load)."""
+        state = synthetic_state(self, _to_cpu(copy.deepcopy(self.optimizer.state_dict())))
+        state["queue"] = self.queue.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         restore_synthetic(self, state)
