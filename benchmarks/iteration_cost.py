@@ -10,6 +10,7 @@ so that drift in machine speed affects them alike) for:
 - ``host-nchw``:  our batched DM host, default memory format, no plugins;
 - ``host-unchunked``: the host with the real and synthetic forwards in one batch each, all
                   classes' real images at once (the first round's host);
+- ``host-eager``: ``host`` never compiled (the eager reference of a ``--compile`` run);
 - ``host``:       our DM host with this machine's fast settings (channels-last, the real
                   forward in chunks of the device's default size, fused with the class means;
                   ``--compile`` adds torch.compile of the real and synthetic forwards and of
@@ -72,14 +73,14 @@ if __package__ in (None, ""):
 
 import torch
 
-VARIANTS = ("naive", "host-nchw", "host-unchunked", "host", "cap", "ptm", "plm", "all",
+VARIANTS = ("naive", "host-nchw", "host-unchunked", "host-eager", "host", "cap", "ptm", "plm", "all",
             "dm-preset", "ptlm-preset", "idm", "idm+all", "dance", "dance+all")
-PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host": "none",
+PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host-eager": "none", "host": "none",
            "cap": "cap", "ptm": "ptm", "plm": "plm", "all": "cap,ptm,plm", "dm-preset": "none",
            "ptlm-preset": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
            "dance": "none", "dance+all": "cap,ptm,plm"}
 PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
-NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked")  # the references stay eager
+NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked", "host-eager")  # references: eager
 STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
           "auxiliary_losses", "backward", "optimizer_step")
 METHOD_STAGES = {
@@ -232,17 +233,17 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
         timer = StageTimer(device)
         time_methods(host, METHOD_STAGES["dance"], timer)
         return host.step, host.close, timer
-    plain = variant in NEVER_COMPILED
+    eager, unchunked = variant in NEVER_COMPILED, variant in ("host-nchw", "host-unchunked")
     host = build_dm_host(data, factory, syn_init, plugins=plugins,
                          iterations=args.warmup + args.repeats, batch_real=args.batch_real,
                          lr=1.0, momentum=0.5, factor=factor, seed=args.seed,
                          device=device, dsa=not args.no_dsa,
                          channels_last=variant != "host-nchw",
-                         compile_real=args.compile and not plain,
-                         compile_syn=args.compile and not plain,
-                         real_chunk=1 << 40 if plain else None,
-                         real_block=1 << 40 if plain else None,
-                         syn_chunk=1 << 40 if plain else args.syn_chunk,
+                         compile_real=args.compile and not eager,
+                         compile_syn=args.compile and not eager,
+                         real_chunk=1 << 40 if unchunked else None,
+                         real_block=1 << 40 if unchunked else None,
+                         syn_chunk=1 << 40 if unchunked else args.syn_chunk,
                          stage_timer=StageTimer(device))
     host._ensure_setup()  # plugin setup (PLM pseudo-labels) is a one-off, not per iteration
     return host.step, host.close, host.stage
