@@ -16,9 +16,13 @@ Takes distillation run directories (``config.json``, ``results.json``, ``metrics
   the experts' test accuracy when the run records it;
 * ``curves.png``: every loss part (``metrics.jsonl`` keys starting with ``loss``) and
   ``real_kept`` over iterations, one line per run;
-* ``grids.png``: the runs' ``grid.png`` side by side, titled with the run.
+* ``grids.png``: the runs' ``grid.png`` side by side, titled with the run;
+* with ``--vs KEY``, ``accuracy_vs_<KEY>.png``: accuracy (mean ± std) against a number every
+  run records, one line per plugin subset. KEY is a numeric ``config.json`` value
+  (``iterations``, ``ipc``, ``expert_epochs``, ...) or ``expert_accuracy`` (the mean test
+  accuracy of the run's experts): e.g. where a plugin stops hurting as runs get longer.
 
-The three files are rewritten on each call; ``--out`` may not be a run directory.
+The files are rewritten on each call; ``--out`` may not be a run directory.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class RunSummary:
     accuracy_std: float | None = None
     expert_accuracy: list[float] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
 
     @property
     def grid(self) -> Path:
@@ -76,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="distillation run directories or coreset output directories")
     p.add_argument("--out", default="report", help="where report.md, curves.png, grids.png go")
+    p.add_argument("--vs", default=None, metavar="KEY",
+                   help="also plot accuracy against KEY, one line per plugin subset: a numeric "
+                        "config.json value (iterations, ipc, expert_epochs, ...) or "
+                        "expert_accuracy")
     return p
 
 
@@ -118,6 +127,7 @@ def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
         meta = load_synset(path / "synthetic.pt").meta
         config = {**meta.get("config", {}), "method": meta.get("method"),
                   "plugins": meta.get("plugins"), "ipc": meta.get("ipc")}
+    run.config = config
     run.method = str(config.get("method", "-"))
     run.plugins = _plugins(config.get("plugins"))
     run.ipc = str(config.get("ipc", "-"))
@@ -163,6 +173,32 @@ def render(runs: list[RunSummary], out: Path) -> list[Path]:
     return written
 
 
+def vs_value(run: RunSummary, key: str) -> float:
+    """The number ``--vs KEY`` plots a run at (a UsageError naming the run when it has none)."""
+    from baselines.harness.common import UsageError
+    if key == "expert_accuracy":
+        if not run.expert_accuracy:
+            raise UsageError(f"{run.label} records no expert test accuracy for --vs {key}")
+        return sum(run.expert_accuracy) / len(run.expert_accuracy)
+    value = run.config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{run.label} has no numeric {key!r} in its config for --vs {key}")
+    return float(value)
+
+
+def accuracy_vs(runs: list[RunSummary], key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Plugin subset -> ``(x, mean, std)`` of each evaluated run, for :func:`plot_accuracy_vs`.
+    Runs without an accuracy are refused (a UsageError)."""
+    from baselines.harness.common import UsageError
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for run in runs:
+        if run.accuracy_mean is None:
+            raise UsageError(f"{run.label} has no evaluation to plot against {key}")
+        series.setdefault(run.plugins, []).append(
+            (vs_value(run, key), float(run.accuracy_mean), float(run.accuracy_std or 0.0)))
+    return series
+
+
 def labels(paths: list[str]) -> list[str]:
     """Short names for the runs: each path relative to the runs' common parent (a lone run:
     its directory name)."""
@@ -188,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{name} is not a run directory (no config.json or "
                                  f"synthetic.pt)")
         runs = [summarize(name, label) for name, label in zip(args.runs, labels(args.runs))]
+        series = accuracy_vs(runs, args.vs) if args.vs else None  # refusals before writing
         written = render(runs, out)
+        if series is not None:
+            from baselines.harness.plots import plot_accuracy_vs
+            plot_accuracy_vs(series, args.vs, out / f"accuracy_vs_{args.vs}.png")
+            written.append(out / f"accuracy_vs_{args.vs}.png")
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

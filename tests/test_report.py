@@ -128,3 +128,48 @@ def test_driver_writes_curves_and_never_fails_on_a_plot_error(runs, monkeypatch)
     assert messages[-1].startswith("warning: could not write") and "no display" in messages[-1]
     assert not run.curves_path.exists()
     assert not [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_plots_accuracy_against_iterations_one_line_per_subset(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    for name, plugins, iterations, acc in [("none-50", [], 50, 47.0), ("cap-50", ["cap"], 50, 44.0),
+                                           ("none-150", [], 150, 48.0),
+                                           ("cap-150", ["cap"], 150, 47.5)]:
+        _distillation_run(root / name, plugins=plugins, results={
+            "accuracy_mean": acc, "accuracy_std": 0.5, "accuracies": [acc - 0.5, acc + 0.5],
+            "expert_test_accuracy": [60.0 + iterations / 10]})
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, "iterations": iterations}))
+    seen = {}
+    monkeypatch.setattr(plots, "plot_accuracy_vs",
+                        lambda series, xlabel, path: seen.update(series=series, xlabel=xlabel)
+                        or plots.save_figure(plots.pyplot().figure(), path))
+    paths = [str(root / n) for n in ("none-50", "cap-50", "none-150", "cap-150")]
+    out = tmp_path / "report"
+    assert report.main([*paths, "--vs", "iterations", "--out", str(out)]) == 0
+    assert seen["xlabel"] == "iterations"
+    assert {k: sorted(v) for k, v in seen["series"].items()} == {
+        "none": [(50.0, 47.0, 0.5), (150.0, 48.0, 0.5)],
+        "cap": [(50.0, 44.0, 0.5), (150.0, 47.5, 0.5)]}
+    assert _is_png(out / "accuracy_vs_iterations.png")
+    assert report.main([*paths, "--vs", "expert_accuracy", "--out", str(out)]) == 0
+    assert sorted(seen["series"]["cap"]) == [(65.0, 44.0, 0.5), (75.0, 47.5, 0.5)]
+
+
+def test_accuracy_vs_plot_is_an_image(tmp_path):
+    plots.plot_accuracy_vs({"none": [(150, 48.0, 0.5), (50, 47.0, 0.3)], "cap": [(50, 44.0, 0.1)]},
+                           "iterations", tmp_path / "a.png")
+    assert _is_png(tmp_path / "a.png")
+
+
+def test_report_vs_refusals(runs, tmp_path, capsys):
+    def refused(argv, fragment):
+        assert report.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    refused([str(runs[0]), "--vs", "dataset", "--out", str(tmp_path / "r")], "no numeric 'dataset'")
+    refused([str(runs[0]), str(runs[1]), "--vs", "iterations", "--out", str(tmp_path / "r")],
+            "no evaluation")
+    refused([str(runs[0]), str(runs[2]), "--vs", "iterations", "--out", str(tmp_path / "r")],
+            "no numeric 'iterations'")
+    assert not (tmp_path / "r").exists()

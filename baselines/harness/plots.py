@@ -104,6 +104,25 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict]]], path: str | os.PathL
     save_figure(fig, path)
 
 
+def plot_accuracy_vs(series: Mapping[str, Sequence[tuple[float, float, float]]], xlabel: str,
+                     path: str | os.PathLike) -> None:
+    """``series`` = label -> ``(x, accuracy mean, std)`` points: one line with error bars per
+    label, points in x order (e.g. accuracy against the number of iterations, one line per
+    plugin subset)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, points in series.items():
+        xs, means, stds = zip(*sorted(points))
+        ax.errorbar(xs, means, yerr=stds, label=label, marker="o", capsize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if len(series) <= _MAX_LEGEND:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_grids(grids: Sequence[tuple[str, str | os.PathLike]], path: str | os.PathLike) -> None:
     """``grids`` = ``(title, image file)`` pairs, drawn side by side (up to 4 a row)."""
     from matplotlib import image as mpimg
