@@ -18,8 +18,8 @@ All cells share one expert pool: ``--expert-seed`` (default: the first seed) is 
 A rerun of the same command resumes: a cell with ``results.json`` is read back, a cell with a
 run directory but no results continues with ``--resume``, the others start. ``OUT/ablation.json``
 records the settings; another command on the same ``OUT`` is refused. ``--jobs N`` runs N cells
-at once (each with ``OMP_NUM_THREADS`` = cores // N unless set); the first cell that trains or
-loads experts then runs alone, so the pool is trained once.
+at once (each with ``OMP_NUM_THREADS`` = cores // N unless set); when the expert pool is not
+in the cache yet, the first cell that needs experts runs alone, so the pool is trained once.
 
 Writes ``OUT/ablation.csv`` (one row per evaluation run of every cell: subset, seed, arch,
 eval_run, accuracy, run_dir), ``OUT/ablation.md`` (one row per subset: final-epoch test accuracy
@@ -393,7 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec = _spec(args.method)
-    needs = lambda cell: spec.needs_experts or plugins_need_experts(list(cell.subset))  # noqa
+    from baselines.harness.expert_cache import cached_expert_count, experts_directory
+    # a cell that would train experts runs alone first, so the pool is trained once; a pool
+    # already in the cache is only loaded, and then every cell can start at once
+    pool_ready = cached_expert_count(experts_directory(config)) >= config["num_experts"]
+    needs = lambda cell: not pool_ready and (  # noqa: E731
+        spec.needs_experts or plugins_need_experts(list(cell.subset)))
     print(f"ablation of {args.method}: {len(settings['subsets'])} subsets x "
           f"{len(settings['seeds'])} seeds = {len(cells)} cells in {out / 'cells'}", flush=True)
     try:

@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,39 @@ def test_with_jobs_the_first_cell_that_needs_experts_runs_alone_first(tmp_path, 
                         "--jobs", "3", "--out", str(out), *TINY]) == 0
     assert calls[0][calls[0].index("--plugins") + 1] == "ptm"
     assert len(calls) == 6
+
+
+def test_with_the_pool_already_cached_no_cell_waits_for_the_others(tmp_path, monkeypatch):
+    from baselines.harness.expert_cache import default_cache_dir
+    pool = default_cache_dir("digits", "convnet", 1, 0)  # TINY's pool: 1 expert, 1 epoch
+    pool.mkdir(parents=True)
+    (pool / "manifest.json").write_text(json.dumps({"num_experts": 1}))
+    calls = []
+    fake = _fake_runner(calls)
+    together = threading.Barrier(2, timeout=10)  # broken unless two cells run at once
+
+    def run_cell(method, argv, log_path, env):
+        if len(calls) < 2:
+            together.wait()
+        return fake(method, argv, log_path, env)
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    assert ablate.main(["--method", "dm", "--subsets", "none;ptm", "--seeds", "0", "--jobs",
+                        "2", "--out", str(tmp_path / "abl"), *TINY]) == 0
+    assert len(calls) == 2 and not together.broken
+
+
+def test_the_expert_directory_of_a_config_and_its_finished_count(tmp_path):
+    from baselines.harness.expert_cache import (cached_expert_count, default_cache_dir,
+                                                experts_directory)
+    config = {"dataset": "digits", "arch": "convnet", "expert_epochs": 3, "seed": 4,
+              "expert_seed": 7, "expert_recipe": "dance", "experts": None}
+    assert experts_directory(config) == default_cache_dir("digits", "convnet", 3, 7, "dance")
+    assert experts_directory({**config, "experts": str(tmp_path)}) == tmp_path
+    assert cached_expert_count(tmp_path) == 0                       # no manifest
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert cached_expert_count(tmp_path) == 0
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_experts": 3}))
+    assert cached_expert_count(tmp_path) == 3
 
 
 def test_cells_get_threads_split_by_jobs_unless_set(monkeypatch):

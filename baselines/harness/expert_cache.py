@@ -3,6 +3,7 @@ reused by every run and every baseline."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Callable
 import torch
 
 from dm_plugins import ExpertPool
+from dm_plugins.experts import MANIFEST
 
 from .datasets import Dataset
 from .dsa import DSA
@@ -68,6 +70,27 @@ def default_cache_dir(dataset: str, arch: str, epochs: int, seed: int,
                       recipe: str = DEFAULT_RECIPE) -> Path:
     root = Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_ROOT))
     return root / cache_key(dataset, arch, epochs, seed, recipe)
+
+
+def experts_directory(config: dict) -> Path:
+    """The expert directory a run of resolved ``config`` uses: ``config["experts"]`` when
+    given, else the default cache entry of its dataset, architecture, epochs, expert seed and
+    recipe (what :func:`load_or_train_experts` is called with by the driver)."""
+    if config.get("experts") is not None:
+        return Path(config["experts"])
+    return default_cache_dir(config["dataset"], config["arch"], config["expert_epochs"],
+                             config.get("expert_seed", config["seed"]),
+                             config.get("expert_recipe", "ptlm"))
+
+
+def cached_expert_count(directory: str | Path) -> int:
+    """How many experts the pool in ``directory`` records as finished (0 when it has no
+    readable manifest). It reads the manifest only; loading checks the rest."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        return max(0, int(manifest.get("num_experts", 0)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epochs: int,
