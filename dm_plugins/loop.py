@@ -118,7 +118,8 @@ class DMHost:
                  batch_real: int = 256, lr: float = 1.0, momentum: float = 0.5, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  compile_real: bool = False, compile_syn: bool = False,
-                 real_chunk: int | None = None, real_block: int | None = None, syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
+                 real_chunk: int | None = None, real_block: int | None = None,
+                 syn_chunk: int | None = None, stage_timer: StageTimer | None = None,
                  extra: dict | None = None, shard: ClassShard | None = None):
         self.real = real
         self.num_classes = int(real.num_classes)
