@@ -369,9 +369,9 @@ def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) ->
                      [table[arch][s][1] for s in settings["subsets"]]) for arch in table}
     plot_bars(settings["subsets"], series or {"none": ([math.nan] * len(settings["subsets"]),
                                                        [0.0] * len(settings["subsets"]))},
-              out / "ablation.png",
+              out / "ablation.png", reference="none",
               title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, "
-                    f"IPC {config['ipc']}: mean ± std")
+                    f"IPC {config['ipc']}: mean ± std (dashed: none)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,3 +173,20 @@ def test_report_vs_refusals(runs, tmp_path, capsys):
     refused([str(runs[0]), str(runs[2]), "--vs", "iterations", "--out", str(tmp_path / "r")],
             "no numeric 'iterations'")
     assert not (tmp_path / "r").exists()
+
+
+def test_bar_limits_zoom_onto_close_values():
+    # values 49.4 +- 0.3 .. 50.9 +- 0.5: spread 49.1..51.4 = 2.3; half below, a third above
+    low, high = plots.zoomed_limits([50.9, 49.4, float("nan")], [0.5, 0.3, 0.0])
+    assert low == pytest.approx(49.1 - 2.3 / 2) and high == pytest.approx(51.4 + 2.3 / 3)
+    low, high = plots.zoomed_limits([3.0, 3.0], [0.0, 0.0])      # one unit at least, never < 0
+    assert (low, high) == (pytest.approx(2.5), pytest.approx(3.0 + 1 / 3))
+    assert plots.zoomed_limits([0.2], [0.0])[0] == 0.0
+    assert plots.zoomed_limits([float("nan")], [0.0]) is None
+
+
+def test_bars_with_a_reference_line_are_an_image(tmp_path):
+    path = tmp_path / "b.png"
+    plots.plot_bars(["none", "cap"], {"convnet": ([50.0, 49.0], [0.5, 0.2])}, path,
+                    reference="none")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -144,11 +144,27 @@ def plot_grids(grids: Sequence[tuple[str, str | os.PathLike]], path: str | os.Pa
     save_figure(fig, path)
 
 
+def zoomed_limits(means: Sequence[float], stds: Sequence[float]) -> tuple[float, float] | None:
+    """Y limits that show the differences between bars of close values (an ablation's
+    accuracies are often within a few points): from half the spread of ``mean ± std`` (at least
+    one unit) below the lowest to a third of it above the highest, never below 0. None when no
+    value is finite (matplotlib's own limits)."""
+    lows = [m - (s if math.isfinite(s) else 0.0) for m, s in zip(means, stds) if math.isfinite(m)]
+    highs = [m + (s if math.isfinite(s) else 0.0) for m, s in zip(means, stds) if math.isfinite(m)]
+    if not lows:
+        return None
+    span = max(max(highs) - min(lows), 1.0)
+    return max(0.0, min(lows) - span / 2), max(highs) + span / 3
+
+
 def plot_bars(labels: Sequence[str], series: Mapping[str, tuple[Sequence[float],
                                                                 Sequence[float]]],
-              path: str | os.PathLike, *, title: str = "", ylabel: str = "accuracy (%)") -> None:
+              path: str | os.PathLike, *, title: str = "", ylabel: str = "accuracy (%)",
+              reference: str | None = None) -> None:
     """One group of bars per label; ``series`` maps a name to (means, stds), one per label
-    (NaN where a label has no value: no bar)."""
+    (NaN where a label has no value: no bar). The y axis is zoomed onto the values
+    (:func:`zoomed_limits`, so it does not start at 0); ``reference``, a label, draws a dashed
+    line at that label's mean of each series (e.g. ``none`` in an ablation)."""
     plt = pyplot()
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.5))
@@ -157,6 +173,15 @@ def plot_bars(labels: Sequence[str], series: Mapping[str, tuple[Sequence[float],
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right")
+    limits = zoomed_limits([m for means, _ in series.values() for m in means],
+                           [s for _, stds in series.values() for s in stds])
+    if limits is not None:
+        ax.set_ylim(*limits)
+    if reference in labels:
+        for name, (means, _) in series.items():
+            value = means[list(labels).index(reference)]
+            if math.isfinite(value):
+                ax.axhline(value, linestyle="--", linewidth=1, color="0.3")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize="medium")
