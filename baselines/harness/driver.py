@@ -525,7 +525,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     from .common import evaluate_stored, initial_synthetic, resolve_device, save_synthetic
     from .datasets import canonical_dataset_name, load_dataset
     from .errors import USER_ERRORS
-    from .expert_cache import load_or_train_experts
+    from .expert_cache import experts_directory, load_or_train_experts
     from .networks import get_network
     from .runs import RunDir, RunError, peak_memory_mb
     from .guards import StopRequest, refuse_non_finite, warn_if_saturated
@@ -596,7 +596,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
             experts = load_or_train_experts(  # missing experts dealt over the processes
                 dataset, config["arch"], num_experts=config["num_experts"],
                 epochs=config["expert_epochs"], seed=expert_seed,
-                directory=config["experts"], recipe=config.get("expert_recipe", "ptlm"),
+                directory=experts_directory(config),
+                recipe=config.get("expert_recipe", "ptlm"),
                 device=device, progress=progress, channels_last=channels_last, log=log,
                 rank=world.rank, world_size=world.world_size)[0]
             if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays

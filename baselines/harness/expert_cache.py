@@ -75,7 +75,8 @@ def default_cache_dir(dataset: str, arch: str, epochs: int, seed: int,
 def experts_directory(config: dict) -> Path:
     """The expert directory a run of resolved ``config`` uses: ``config["experts"]`` when
     given, else the default cache entry of its dataset, architecture, epochs, expert seed and
-    recipe (what :func:`load_or_train_experts` is called with by the driver)."""
+    recipe. The driver trains and loads a run's pool there; the ablation runner asks it
+    whether a pool is already cached."""
     if config.get("experts") is not None:
         return Path(config["experts"])
     return default_cache_dir(config["dataset"], config["arch"], config["expert_epochs"],
