@@ -25,7 +25,9 @@ Writes ``OUT/ablation.csv`` (one row per evaluation run of every cell: subset, s
 eval_run, accuracy, run_dir), ``OUT/ablation.md`` (one row per subset: final-epoch test accuracy
 in %, mean ± population std over all evaluation runs of all seeds, and n, their number) and
 ``OUT/ablation.png`` (the same as bars with ± std error bars). Exit 0 when every cell finished,
-1 when some failed (their logs are named), 2 for bad input (before any work).
+1 when some failed (their logs are named), 2 for bad input (before any work). The three files
+are rewritten after every finished cell (and on Ctrl-C), with the unfinished cells named, so a
+long ablation can be read while it runs.
 """
 from __future__ import annotations
 
@@ -248,9 +250,11 @@ def _spec(method: str):
 
 # -- running ----------------------------------------------------------------------------------
 def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs: int,
-              needs_experts) -> list[Cell]:
+              needs_experts, on_finished=lambda: None) -> list[Cell]:
     """Run the unfinished ``cells`` (``jobs`` at a time; with jobs > 1 the first cell that
-    ``needs_experts`` runs alone first); the cells that failed."""
+    ``needs_experts`` runs alone first); the cells that failed. ``on_finished()`` is called
+    (one call at a time) after each cell that finished, so the tables can be refreshed while
+    the other cells run."""
     pending = [c for c in cells if read_results(c.run_dir(out)) is None]
     done = len(cells) - len(pending)
     if done:
@@ -274,6 +278,7 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
                 print(f"finished {cell.name} in {seconds:.0f} s: "
                       f"{results.get('accuracy_mean', math.nan):.2f} ± "
                       f"{results.get('accuracy_std', math.nan):.2f}", flush=True)
+                on_finished()
             else:
                 failed.append(cell)
                 print(f"failed {cell.name} (exit {code}); see {cell.log_path(out)}", flush=True)
@@ -401,11 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         spec.needs_experts or plugins_need_experts(list(cell.subset)))
     print(f"ablation of {args.method}: {len(settings['subsets'])} subsets x "
           f"{len(settings['seeds'])} seeds = {len(cells)} cells in {out / 'cells'}", flush=True)
+    # the tables are rewritten after every finished cell: a long ablation (or one finished over
+    # several sessions) can be read, with its unfinished cells named, before it ends
+    refresh = lambda: write_outputs(out, settings, config, cells)  # noqa: E731
     try:
-        failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs)
+        failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs,
+                           on_finished=refresh)
     except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to resume ({out} keeps finished cells)",
-              file=sys.stderr)
+        refresh()
+        print(f"interrupted; rerun the same command to resume ({out} keeps finished cells; "
+              f"{out / 'ablation.md'} has them)", file=sys.stderr)
         return 130
     write_outputs(out, settings, config, cells)
     print(f"wrote {out / 'ablation.csv'}, {out / 'ablation.md'}, {out / 'ablation.png'}")

@@ -98,6 +98,40 @@ def test_resume_reads_finished_cells_back_and_resumes_started_ones(tmp_path, mon
                      ["plm", "51.50 ± 1.12", "4"], ["cap+plm", "51.50 ± 1.12", "4"]]
 
 
+def test_the_tables_are_written_after_every_finished_cell(tmp_path, monkeypatch):
+    calls, seen = [], []
+    fake = _fake_runner(calls)
+    out = tmp_path / "abl"
+
+    def run_cell(method, argv, log_path, env):
+        if calls:  # the second cell starts: the first one is in the tables already
+            seen.append(_md_table(out / "ablation.md"))
+            seen.append((out / "ablation.md").read_text())
+            assert (out / "ablation.png").stat().st_size > 0
+        return fake(method, argv, log_path, env)
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    assert ablate.main(["--method", "dm", "--subsets", "none;cap", "--seeds", "0",
+                        "--out", str(out), *TINY]) == 0
+    assert seen[0] == [["none", "51.00 ± 1.00", "2"], ["cap", "-", "0"]]
+    assert "Not finished: cap-s0." in seen[1]
+    assert _md_table(out / "ablation.md")[1] == ["cap", "51.00 ± 1.00", "2"]
+
+
+def test_an_interrupted_ablation_writes_the_tables_of_its_finished_cells(tmp_path, monkeypatch):
+    calls = []
+    fake = _fake_runner(calls)
+
+    def run_cell(method, argv, log_path, env):
+        if calls:
+            raise KeyboardInterrupt
+        return fake(method, argv, log_path, env)
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    out = tmp_path / "abl"
+    assert ablate.main(["--method", "dm", "--subsets", "none;cap", "--seeds", "0",
+                        "--out", str(out), *TINY]) == 130
+    assert _md_table(out / "ablation.md") == [["none", "51.00 ± 1.00", "2"], ["cap", "-", "0"]]
+
+
 def test_with_jobs_the_first_cell_that_needs_experts_runs_alone_first(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
