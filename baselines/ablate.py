@@ -17,7 +17,8 @@ All cells share one expert pool: ``--expert-seed`` (default: the first seed) is 
 
 A rerun of the same command resumes: a cell with ``results.json`` is read back, a cell with a
 run directory but no results continues with ``--resume``, the others start. ``OUT/ablation.json``
-records the settings; another command on the same ``OUT`` is refused. ``--jobs N`` runs N cells
+records the settings; another command on the same ``OUT`` is refused, and so is a second runner
+while one is running there (``OUT/.lock``). ``--jobs N`` runs N cells
 at once (each with ``OMP_NUM_THREADS`` = cores // N unless set); when the expert pool is not
 in the cache yet, the first cell that needs experts runs alone, so the pool is trained once.
 
@@ -188,6 +189,7 @@ def read_results(run_dir: Path) -> dict | None:
 def check_out(out: Path, settings: dict) -> None:
     """``out`` is new, empty, or an ablation directory of the same settings."""
     from baselines.harness.common import UsageError
+    from baselines.harness.dir_lock import LOCK_NAME
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory")
     record = out / "ablation.json"
@@ -202,7 +204,7 @@ def check_out(out: Path, settings: dict) -> None:
             raise UsageError(f"--out {out} holds an ablation with other settings "
                              f"({', '.join(diff)} differ); rerun it with its own command "
                              f"(see {record}) or choose another --out")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):  # a runner starting
         raise UsageError(f"--out {out} exists and is not an ablation directory; choose a new "
                          f"or empty --out")
 
@@ -381,8 +383,8 @@ def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    from baselines.harness.dir_lock import DirectoryInUse, DirectoryLock
     from baselines.harness.errors import USER_ERRORS
-    from dm_plugins import plugins_need_experts
     from dm_plugins.atomic import atomic_write_json
     out = Path(args.out)
     try:
@@ -391,12 +393,22 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # the method's parser refused a flag (one line printed)
             return int(exc.code or 0)
         out.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(out, "ablation directory").acquire()  # one runner per directory
         atomic_write_json(out / "ablation.json", {
             "format": FORMAT, "version": 1, "settings": settings,
             "command": ["baselines/ablate.py", *(argv if argv is not None else sys.argv[1:])]})
-    except USER_ERRORS as exc:
+    except USER_ERRORS + (DirectoryInUse,) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, out, cells, settings, config)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, out: Path, cells: list[Cell], settings: dict,
+         config: dict) -> int:
+    from dm_plugins import plugins_need_experts
     spec = _spec(args.method)
     from baselines.harness.expert_cache import cached_expert_count, experts_directory
     # a cell that would train experts runs alone first, so the pool is trained once; a pool

@@ -422,6 +422,8 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
                 stop.run_dir.log(message)
         return stop.exit_code
     finally:
+        if stop.run_dir is not None:
+            stop.run_dir.release()
         distributed.destroy_process_group()
 
 
@@ -555,6 +557,9 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                            f"{'python' if recorded == 1 else f'torchrun --nproc-per-node {recorded}'}"
                            f" ... --resume {run_dir.path})")
         device = distributed.init_process_group(world, resolve_device(config["device"]))
+        distributed.main_first(world, run_dir.acquire if main_rank else lambda: None,
+                               USER_ERRORS)
+        stop.run_dir = run_dir  # main() releases the lock
         dataset = distributed.main_first(world, lambda: load_dataset(
             canonical_dataset_name(config["dataset"]), config["data_path"]), USER_ERRORS)
         check_config(config, spec.checks, image_size=dataset.image_size)
@@ -567,11 +572,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         _check_processes(world, dataset, config["arch"])
         config["world_size"] = world.world_size
 
-        def create() -> str:  # rank 0 only; the others get its path
-            return str(RunDir.create(args.out or unused_path(default_out(config)), config).path)
-        run_dir = RunDir(distributed.broadcast_object(distributed.main_first(
-            world, create if main_rank else lambda: None, USER_ERRORS)),
-            world.rank, world.world_size)
+        def create() -> RunDir:  # rank 0 only (it holds the lock); the others get its path
+            return RunDir.create(args.out or unused_path(default_out(config)), config,
+                                 world.rank, world.world_size)
+        made = distributed.main_first(world, create if main_rank else lambda: None, USER_ERRORS)
+        path = distributed.broadcast_object(str(made.path) if main_rank else None)
+        run_dir = made if main_rank else RunDir(path, world.rank, world.world_size)
         created = main_rank
     stop.run_dir = run_dir
     if not sharded:

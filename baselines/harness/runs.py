@@ -13,6 +13,8 @@ A run directory holds::
     grid.png         image grid, one row per class
     curves.png       loss parts and real_kept over iterations (from metrics.jsonl)
     results.json     evaluation: accuracy_mean, accuracy_std, accuracies, arch, protocol
+    .lock            while a process distils or evaluates in it (see dir_lock.py): a second
+                     process on the same directory is refused
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 
 from dm_plugins.atomic import atomic_write_bytes
 
+from .dir_lock import LOCK_NAME, DirectoryLock
 from .synset import atomic_torch_save, atomic_write_json, code_version
 
 
@@ -88,6 +91,7 @@ class RunDir:
     def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1):
         self.path = Path(path)
         self.rank, self.world_size = int(rank), int(world_size)
+        self._lock = DirectoryLock(self.path, "run directory")
 
     config_path = property(lambda self: self.path / "config.json")
     checkpoint_path = property(lambda self: self.path / (
@@ -100,14 +104,34 @@ class RunDir:
     results_path = property(lambda self: self.path / "results.json")
 
     @classmethod
-    def create(cls, path: str | Path, config: dict) -> "RunDir":
-        run = cls(path)
+    def create(cls, path: str | Path, config: dict, rank: int = 0,
+               world_size: int = 1) -> "RunDir":
+        """A new run in ``path``, its config written and its lock held (:meth:`release`)."""
+        run = cls(path, rank, world_size)
         if run.config_path.exists():
             raise RunError(f"run directory {run.path} already holds a run; pass --resume "
                            f"{run.path} to continue it, or choose another --out")
         run.path.mkdir(parents=True, exist_ok=True)
+        run.acquire()
+        if run.config_path.exists():  # another process created it meanwhile
+            run.release()
+            raise RunError(f"run directory {run.path} already holds a run; pass --resume "
+                           f"{run.path} to continue it, or choose another --out")
         atomic_write_json(run.config_path, config)
         return run
+
+    def acquire(self) -> None:
+        """Hold the directory's lock until :meth:`release`; a RunError when another live
+        process holds it (one rank of a sharded run takes it for all)."""
+        from .dir_lock import DirectoryInUse
+        try:
+            self._lock.acquire()
+        except DirectoryInUse as exc:
+            raise RunError(str(exc)) from None
+
+    def release(self) -> None:
+        """Give the lock back (nothing when it is not held)."""
+        self._lock.release()
 
     @classmethod
     def open(cls, path: str | Path, rank: int = 0, world_size: int = 1,
@@ -122,7 +146,7 @@ class RunDir:
             stale.unlink(missing_ok=True)
         return run
 
-    _UNSTARTED = {"config.json", "run.log", "metrics.jsonl"}
+    _UNSTARTED = {"config.json", "run.log", "metrics.jsonl", LOCK_NAME}
 
     def remove_unstarted(self) -> None:
         """Delete a run directory that failed before its first iteration (it holds only
