@@ -3,10 +3,11 @@
 A distillation run directory and an ablation directory are each written by one process at a
 time: two ``--resume`` of the same run, or the same ``ablate.py`` command started twice, would
 otherwise write the same checkpoints and cells at once. The lock is ``DIR/.lock``, holding the
-owner's pid, host and start time as JSON, hard-linked into place from a complete temp file (so of
-two processes racing for it exactly one wins, and none reads it half-written). A lock whose owner is gone (same host, no such pid) is stale
-and taken over; one held by a live process, or by another host (whose processes cannot be
-checked from here), is refused with a message naming the owner and how to clear it.
+owner's pid, host and start time as JSON, hard-linked into place from a complete temp file (so
+of two processes racing for it exactly one wins, and none reads it half-written). A lock whose
+owner is gone (same host, no such pid) is stale and taken over; one held by a live process, or
+by another host (whose processes cannot be checked from here), is refused with a message naming
+the owner and how to clear it.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ class DirectoryLock:
                     f"{self.what} {self.directory} is in use by process {owner['pid']} on "
                     f"{owner.get('host', '?')} (since {owner.get('started', '?')}); wait for "
                     f"it or stop it; if no such process is running, delete {self.path}")
-            self.path.unlink(missing_ok=True)
+            if self._owner() == owner:  # not already replaced by a racer who took it over
+                self.path.unlink(missing_ok=True)
         raise DirectoryInUse(f"{self.what} {self.directory}: could not take {self.path} "
                              f"(other processes keep taking it); try again")
 
