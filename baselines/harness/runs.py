@@ -32,7 +32,7 @@ import torch
 
 from dm_plugins.atomic import atomic_write_bytes
 
-from .dir_lock import LOCK_NAME, DirectoryLock
+from .dir_lock import LOCK_NAME, DirectoryInUse, DirectoryLock
 from .synset import atomic_torch_save, atomic_write_json, code_version
 
 
@@ -108,12 +108,9 @@ class RunDir:
                world_size: int = 1) -> "RunDir":
         """A new run in ``path``, its config written and its lock held (:meth:`release`)."""
         run = cls(path, rank, world_size)
-        if run.config_path.exists():
-            raise RunError(f"run directory {run.path} already holds a run; pass --resume "
-                           f"{run.path} to continue it, or choose another --out")
         run.path.mkdir(parents=True, exist_ok=True)
-        run.acquire()
-        if run.config_path.exists():  # another process created it meanwhile
+        run.acquire()  # before the check, so two new runs racing for one --out see each other
+        if run.config_path.exists():
             run.release()
             raise RunError(f"run directory {run.path} already holds a run; pass --resume "
                            f"{run.path} to continue it, or choose another --out")
@@ -123,7 +120,6 @@ class RunDir:
     def acquire(self) -> None:
         """Hold the directory's lock until :meth:`release`; a RunError when another live
         process holds it (one rank of a sharded run takes it for all)."""
-        from .dir_lock import DirectoryInUse
         try:
             self._lock.acquire()
         except DirectoryInUse as exc:
