@@ -214,7 +214,8 @@ def init_process_group(world: World, device: torch.device) -> torch.device:
 
 
 def destroy_process_group() -> None:
-    """Leave the process group, if one is running (idempotent)."""
+    """Leave the process group, if one is running (idempotent). After a finished run every rank
+    calls it after :func:`barrier`, i.e. at about the same time, as torch asks."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -249,6 +250,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; nothing without a process group. Called by every rank
+    at the end of a finished run, so that no rank leaves the process group while another still
+    works (see :func:`destroy_process_group`)."""
+    if active():
+        torch.distributed.barrier()
 
 
 def any_rank(*flags: bool) -> list[bool]:

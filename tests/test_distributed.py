@@ -12,7 +12,7 @@ from baselines.harness.dsa import DSA
 from baselines.harness.evaluation import evaluate_synset, resolve_protocol, summarize_accuracies
 from dm_plugins import DMHost, PluginSet
 from dm_plugins.distributed import (ClassShard, ShardedClassData, World, all_gather_object,
-                                    all_gather_rows, any_rank, class_range)
+                                    all_gather_rows, any_rank, barrier, class_range)
 from tests.conftest import TinyNet, make_toy
 
 TINY = ["--ipc", "1", "--iterations", "2", "--batch-real", "8", "--eval-runs", "0",
@@ -38,6 +38,7 @@ def test_collectives_are_the_identity_without_a_process_group():
     assert all_gather_rows(x) is x
     assert all_gather_object({"a": 1}) == [{"a": 1}]
     assert any_rank(True, False) == [True, False]
+    assert barrier() is None
     assert ClassShard(4, 0, 2).sum([1, 2.5]) == [1.0, 2.5]
     assert not World().distributed and World(1, 2).distributed and not World(1, 2).is_main
 

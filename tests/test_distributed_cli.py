@@ -38,14 +38,17 @@ def _free_port() -> int:
 
 
 def torchrun(args, stop_at=None, script="tests/dist_worker.py", method="dm",
-             random_experts=True):
+             random_experts=True, exit_log=None):
     """Launch 2 ranks of ``script`` (gloo on CPU); the completed process. The worker script
     runs ``baselines/<method>.py``, uses the random stand-in experts (as the in-process runs
-    here) unless ``random_experts`` is False, and stops at ``stop_at``."""
+    here) unless ``random_experts`` is False, stops at ``stop_at`` and, given ``exit_log`` (a
+    folder), writes there when each rank left ``main``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "DM_TEST_METHOD": method}
-    for name in ("DM_TEST_STOP_AT", "DM_TEST_RANDOM_EXPERTS"):
+    for name in ("DM_TEST_STOP_AT", "DM_TEST_RANDOM_EXPERTS", "DM_TEST_EXIT_LOG"):
         env.pop(name, None)
+    if exit_log is not None:
+        env["DM_TEST_EXIT_LOG"] = str(exit_log)
     if random_experts:
         env["DM_TEST_RANDOM_EXPERTS"] = "1"
     if stop_at is not None:
@@ -181,13 +184,17 @@ def test_dance_two_processes_train_the_expert_pool_and_equal_one(tmp_path):
 
 def test_idm_two_processes_with_plugins_equal_one(tmp_path, random_experts):
     """IDM over 2 ranks with every plugin: each rank trains the whole model queue itself, the
-    matching is split by class; the gathered set and the logged sums equal one process's."""
+    matching is split by class; the gathered set and the logged sums equal one process's.
+    Rank 1 leaves only after rank 0 wrote the run's last file (the ranks tear the process
+    group down together)."""
     args = TINY + ["--plugins", "cap,ptm,plm", "--model-train-steps", "1", "--trained-bs", "16"]
     one, two = tmp_path / "one", tmp_path / "two"
     with _one_thread():
         assert idm.main(args + ["--out", str(one)]) == 0
-    done = torchrun(args + ["--out", str(two)], method="idm")
+    done = torchrun(args + ["--out", str(two)], method="idm", exit_log=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    last_write = max(p.stat().st_mtime_ns for p in two.iterdir())
+    assert int((tmp_path / "exit-rank1").read_text()) >= last_write
     _assert_same_sets(one, two)
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         for key in ("loss", "loss_match", "loss_ce", "loss_plm", "ce_scale", "trained_accuracy"):

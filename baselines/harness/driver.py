@@ -408,7 +408,11 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
     try:
         world = _world(spec)
         with stop.installed():
-            return run(spec, args, explicit, stop, world)
+            code = run(spec, args, explicit, stop, world)
+            # the ranks leave together: a rank tearing its process group down while rank 0
+            # still writes the results was seen to abort (SIGABRT in gloo) now and then
+            distributed.barrier()
+            return code
     except USER_ERRORS + (NonFiniteLoss,) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
