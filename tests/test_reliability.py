@@ -157,6 +157,21 @@ def test_torn_metrics_line_and_stale_temp_files_are_handled_on_resume(cut_run, t
                        load_synset(cut_run / "synthetic.pt").images)
 
 
+def test_a_run_cut_before_its_first_checkpoint_resumes_from_scratch_without_old_records(
+        tmp_path):
+    out = tmp_path / "early"
+    with killed_at(DMHost, 1):                                 # checkpoint-every 2: none yet
+        assert dm.main(TINY + ["--iterations", "4", "--out", str(out)]) == 130
+    assert not list(out.glob("checkpoint*.pt"))
+    assert dm.main(["--resume", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3]   # iteration 0 not twice
+    straight = tmp_path / "straight"
+    assert dm.main(TINY + ["--iterations", "4", "--out", str(straight)]) == 0
+    assert torch.equal(load_synset(straight / "synthetic.pt").images,
+                       load_synset(out / "synthetic.pt").images)
+
+
 def test_an_edited_config_that_no_longer_fits_the_checkpoint(cut_run, capsys):
     config = json.loads((cut_run / "config.json").read_text())
     config["ipc"] = 2

@@ -652,10 +652,10 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         if created:
             run_dir.remove_unstarted()
         raise
+    if main_rank and not created:  # records past the checkpoint (all, if none) are redone
+        run_dir.truncate_metrics(host.iteration)
     if checkpoint is not None:
         stop.checkpoint = host.iteration
-        if main_rank:
-            run_dir.truncate_metrics(host.iteration)
         log(f"resumed at iteration {host.iteration} of {config['iterations']}")
 
     def after_iteration(t: int, metrics: dict) -> None:
