@@ -29,16 +29,23 @@ in %, mean ± population std over all evaluation runs of all seeds, and n, their
 1 when some failed (their logs are named), 2 for bad input (before any work). The three files
 are rewritten after every finished cell (and on Ctrl-C), with the unfinished cells named, so a
 long ablation can be read while it runs.
+
+Stopping: Ctrl-C or SIGTERM to the runner (only to it: each cell runs in its own session, out of
+the terminal's reach) starts no further cell and passes the signal once to each running cell,
+which stops at the end of its iteration and keeps its checkpoint; the runner waits for them,
+rewrites the tables and exits 128 + the signal number (130, 143).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,15 +160,61 @@ def cell_argv(cell: Cell, out: Path, extra: list[str]) -> list[str]:
     return new_cell_argv(cell, out, extra)
 
 
+class Interrupted(Exception):
+    """The runner got SIGINT or SIGTERM (``signum``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunningCells:
+    """The cell subprocesses alive now, so that a signal to the runner reaches each of them
+    once. Each cell gets its own session: a terminal's Ctrl-C reaches the runner only, and the
+    runner passes it on (a second signal would make a cell drop its current iteration)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping: int | None = None   # the signal being passed on; no new cell starts
+
+    def run(self, command: list[str], log, env: dict) -> int:
+        with self._lock:
+            if self.stopping is not None:
+                return 128 + self.stopping
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.stopping = None
+
+    def stop(self, signum: int) -> None:
+        """Start no further cell and send ``signum`` to each running one."""
+        with self._lock:
+            self.stopping = signum
+            for proc in self._procs:
+                proc.send_signal(signum)
+
+
+CELLS = RunningCells()
+
+
 def run_cell(method: str, argv: list[str], log_path: Path, env: dict) -> int:
     """Run ``baselines/<method>.py argv`` in a subprocess, its output appended to ``log_path``;
-    the exit code."""
+    the exit code (128 + the signal when the runner is stopping and the cell did not start)."""
     command = [sys.executable, str(ROOT / "baselines" / f"{method}.py"), *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return CELLS.run(command, log, env)
 
 
 def cell_env(jobs: int) -> dict:
@@ -264,9 +317,12 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
     failed: list[Cell] = []
     lock = threading.Lock()
     env = cell_env(jobs)
+    CELLS.reset()
     counter = itertools.count(done + 1)
 
     def one(cell: Cell) -> None:
+        if CELLS.stopping is not None:
+            return
         argv = cell_argv(cell, out, extra)
         how = "resume" if argv[0] == "--resume" else "start"
         with lock:
@@ -281,17 +337,25 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
                       f"{results.get('accuracy_mean', math.nan):.2f} ± "
                       f"{results.get('accuracy_std', math.nan):.2f}", flush=True)
                 on_finished()
+            elif CELLS.stopping is not None:
+                print(f"stopped {cell.name} (exit {code}); rerun to resume it", flush=True)
             else:
                 failed.append(cell)
                 print(f"failed {cell.name} (exit {code}); see {cell.log_path(out)}", flush=True)
 
-    if jobs > 1:
-        first = next((c for c in pending if needs_experts(c)), None)
-        if first is not None:
-            pending.remove(first)
-            one(first)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        if jobs > 1:
+            first = next((c for c in pending if needs_experts(c)), None)
+            if first is not None:
+                pending.remove(first)
+                pool.submit(one, first).result()
         list(pool.map(one, pending))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        CELLS.stop(getattr(exc, "signum", signal.SIGINT))
+        pool.shutdown(wait=True, cancel_futures=True)   # the running cells checkpoint and exit
+        raise
+    pool.shutdown(wait=True)
     return failed
 
 
@@ -406,6 +470,23 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
 
 
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM raises :class:`Interrupted` in the main thread while this is open, as SIGINT
+    raises ``KeyboardInterrupt``; the old handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Interrupted(signum)
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _run(args: argparse.Namespace, out: Path, cells: list[Cell], settings: dict,
          config: dict) -> int:
     from dm_plugins import plugins_need_experts
@@ -422,13 +503,16 @@ def _run(args: argparse.Namespace, out: Path, cells: list[Cell], settings: dict,
     # several sessions) can be read, with its unfinished cells named, before it ends
     refresh = lambda: write_outputs(out, settings, config, cells)  # noqa: E731
     try:
-        failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs,
-                           on_finished=refresh)
-    except KeyboardInterrupt:
+        with _signals_interrupt():
+            failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs,
+                               on_finished=refresh)
+    except (KeyboardInterrupt, Interrupted) as exc:
         refresh()
-        print(f"interrupted; rerun the same command to resume ({out} keeps finished cells; "
-              f"{out / 'ablation.md'} has them)", file=sys.stderr)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name}); rerun the same command to resume "
+              f"({out} keeps finished cells and the checkpoints of stopped ones; "
+              f"{out / 'ablation.md'} has the finished ones)", file=sys.stderr)
+        return 128 + signum
     write_outputs(out, settings, config, cells)
     print(f"wrote {out / 'ablation.csv'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
     if failed:

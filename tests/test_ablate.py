@@ -1,8 +1,11 @@
 """baselines/ablate.py: cells, resume, refusals, and one tiny real ablation on digits."""
 import csv
 import json
+import os
 import re
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +133,58 @@ def test_an_interrupted_ablation_writes_the_tables_of_its_finished_cells(tmp_pat
     assert ablate.main(["--method", "dm", "--subsets", "none;cap", "--seeds", "0",
                         "--out", str(out), *TINY]) == 130
     assert _md_table(out / "ablation.md") == [["none", "51.00 ± 1.00", "2"], ["cap", "-", "0"]]
+
+
+_SLOW_CELL = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1]); out.mkdir(parents=True)
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
+signal.signal(signal.SIGINT, lambda s, f: got.append("INT"))
+(out / "pid").write_text(str(os.getpid()))
+deadline = time.monotonic() + 60       # never outlive a broken test
+while not got and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.3)                         # a signal arriving now would be a second one
+(out / "signals").write_text(",".join(got))
+sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_runner_reaches_each_running_cell_once_and_starts_no_other(
+        tmp_path, monkeypatch, capsys, signum):
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "dm.py").write_text(_SLOW_CELL)
+    monkeypatch.setattr(ablate, "ROOT", tmp_path)           # cells run the stand-in above
+    out = tmp_path / "abl"
+    cells = [out / "cells" / name for name in ("none-s0", "none-s1", "cap-s0", "cap-s1")]
+
+    def send_once_both_started():
+        deadline = time.monotonic() + 30
+        while not all((c / "pid").is_file() for c in cells[:2]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+    # a SIGTERM the runner does not catch lands here instead of ending pytest
+    caught = []
+    before = signal.signal(signal.SIGTERM, lambda s, f: caught.append(s))
+    try:
+        threading.Thread(target=send_once_both_started, daemon=True).start()
+        code = ablate.main(["--method", "dm", "--subsets", "none;cap", "--seeds", "0,1",
+                            "--out", str(out), "--jobs", "2", *TINY])
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        ours = signal.signal(signal.SIGTERM, before)
+    assert caught == [] and restored is ours
+    assert code == 128 + signum
+    name = signal.Signals(signum).name[3:]
+    assert [(c / "signals").read_text() for c in cells[:2]] == [name, name]   # once each
+    assert not cells[2].exists() and not cells[3].exists()              # never started
+    err = capsys.readouterr()
+    assert "stopped none-s0 (exit 143)" in err.out and "failed" not in err.out
+    assert "rerun the same command to resume" in err.err
+    assert _md_table(out / "ablation.md") == [["none", "-", "0"], ["cap", "-", "0"]]
 
 
 def test_with_jobs_the_first_cell_that_needs_experts_runs_alone_first(tmp_path, monkeypatch):
