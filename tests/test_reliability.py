@@ -202,6 +202,18 @@ def test_sigint_finishes_the_iteration_checkpoints_and_resumes_exactly(tmp_path,
     assert "interrupted (SIGINT)" in (out / "run.log").read_text()
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
     monkeypatch.setattr(DMHost, "step", real_step)
+
+    # a resumed run stopped before its checkpoint is restored keeps it, and says so
+    real_restore = DMHost.load_state_dict
+
+    def interrupted_restore(self, state):
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(DMHost, "load_state_dict", interrupted_restore)
+    assert dm.main(["--resume", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "its checkpoint on disk is kept" in err and "iteration 0" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    monkeypatch.setattr(DMHost, "load_state_dict", real_restore)
     assert dm.main(["--resume", str(out), "--no-progress"]) == 0
     assert dm.main(TINY + ["--iterations", "5", "--out", str(straight)]) == 0
     assert torch.equal(load_synset(straight / "synthetic.pt").images,

@@ -59,9 +59,12 @@ class StopRequest:
         name = signal.Signals(self.signum or signal.SIGINT).name
         if self.run_dir is None:
             return f"interrupted ({name}) before the run directory was made; nothing was written"
-        where = (f"the checkpoint after {self.checkpoint} iterations is kept"
-                 if self.checkpoint is not None else
-                 "no checkpoint was written yet, so the run restarts from iteration 0")
+        if self.checkpoint is not None:
+            where = f"the checkpoint after {self.checkpoint} iterations is kept"
+        elif self.run_dir.checkpoint_path.is_file():  # a resumed run stopped before restoring
+            where = "its checkpoint on disk is kept"
+        else:
+            where = "no checkpoint was written yet, so the run restarts from iteration 0"
         return (f"interrupted ({name}): {where}; continue with: {launcher} {prog} --resume "
                 f"{self.run_dir.path}")
 
