@@ -38,7 +38,6 @@ rewrites the tables and exits 128 + the signal number (130, 143).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import itertools
@@ -158,14 +157,6 @@ def cell_argv(cell: Cell, out: Path, extra: list[str]) -> list[str]:
     if (run_dir / "config.json").is_file():
         return ["--resume", str(run_dir), "--no-progress"]
     return new_cell_argv(cell, out, extra)
-
-
-class Interrupted(Exception):
-    """The runner got SIGINT or SIGTERM (``signum``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class RunningCells:
@@ -305,11 +296,13 @@ def _spec(method: str):
 
 # -- running ----------------------------------------------------------------------------------
 def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs: int,
-              needs_experts, on_finished=lambda: None) -> list[Cell]:
+              needs_experts, on_finished=lambda: None, stop=None) -> list[Cell]:
     """Run the unfinished ``cells`` (``jobs`` at a time; with jobs > 1 the first cell that
     ``needs_experts`` runs alone first); the cells that failed. ``on_finished()`` is called
     (one call at a time) after each cell that finished, so the tables can be refreshed while
-    the other cells run."""
+    the other cells run. On ``KeyboardInterrupt`` (SIGTERM too, under ``stop.installed()``, a
+    :class:`~baselines.harness.guards.StopRequest` that records the signal) each running cell
+    gets the signal once and no other starts; it returns when they have exited, re-raising."""
     pending = [c for c in cells if read_results(c.run_dir(out)) is None]
     done = len(cells) - len(pending)
     if done:
@@ -351,8 +344,8 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
                 pending.remove(first)
                 pool.submit(one, first).result()
         list(pool.map(one, pending))
-    except (KeyboardInterrupt, Interrupted) as exc:
-        CELLS.stop(getattr(exc, "signum", signal.SIGINT))
+    except KeyboardInterrupt:
+        CELLS.stop(int(getattr(stop, "signum", None) or signal.SIGINT))
         pool.shutdown(wait=True, cancel_futures=True)   # the running cells checkpoint and exit
         raise
     pool.shutdown(wait=True)
@@ -470,26 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
 
 
-@contextlib.contextmanager
-def _signals_interrupt():
-    """SIGTERM raises :class:`Interrupted` in the main thread while this is open, as SIGINT
-    raises ``KeyboardInterrupt``; the old handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum, frame):
-        raise Interrupted(signum)
-    old = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _run(args: argparse.Namespace, out: Path, cells: list[Cell], settings: dict,
          config: dict) -> int:
     from dm_plugins import plugins_need_experts
+    from baselines.harness.guards import StopRequest
     spec = _spec(args.method)
     from baselines.harness.expert_cache import cached_expert_count, experts_directory
     # a cell that would train experts runs alone first, so the pool is trained once; a pool
@@ -502,13 +479,14 @@ def _run(args: argparse.Namespace, out: Path, cells: list[Cell], settings: dict,
     # the tables are rewritten after every finished cell: a long ablation (or one finished over
     # several sessions) can be read, with its unfinished cells named, before it ends
     refresh = lambda: write_outputs(out, settings, config, cells)  # noqa: E731
-    try:
-        with _signals_interrupt():
+    stop = StopRequest()   # outside a run's loop it turns SIGTERM, like SIGINT, into
+    try:                   # KeyboardInterrupt, and records which signal came
+        with stop.installed():
             failed = run_cells(args.method, cells, out, settings["args"], args.jobs, needs,
-                               on_finished=refresh)
-    except (KeyboardInterrupt, Interrupted) as exc:
+                               on_finished=refresh, stop=stop)
+    except KeyboardInterrupt:
         refresh()
-        signum = getattr(exc, "signum", signal.SIGINT)
+        signum = int(stop.signum or signal.SIGINT)
         print(f"interrupted ({signal.Signals(signum).name}); rerun the same command to resume "
               f"({out} keeps finished cells and the checkpoints of stopped ones; "
               f"{out / 'ablation.md'} has the finished ones)", file=sys.stderr)
