@@ -16,7 +16,11 @@ What each plugin replaces and what it adds on DANCE:
   decoded synthetic images with their own augmentation draw, but the loss is PLM's (Eq. 9,
   cross-entropy through the trained expert against the sharpened class-average prediction)
   instead of DANCE's hard-label cross-entropy. Any plugin that adds losses replaces that CE the
-  same way (the losses are summed); with none, DANCE's CE stays.
+  same way (the losses are summed); with none, DANCE's CE stays. The public code's reading
+  (``--preset ptlm-code``) uses what this host offers: the inner-class network for the logits
+  (``--plm-logits extractor``), a real batch of the class drawn and augmented with the
+  synthetic images for the target (``--plm-target batch``), and an optimiser of the step's own
+  (``--plm-step separate --plm-lr 0.01``).
 * ``cap`` filters the inner-class real batch: per class, only the real features it keeps enter
   the real mean. It does not touch the inter-class step.
 
@@ -40,6 +44,11 @@ from dm_plugins.distributed import ClassShard, place_real
 #: The augmentation DANCE matches with (IDC's ``DiffAug`` strategy; all three ops each call).
 MATCHING_STRATEGY = "color_crop_cutout"
 
+#: What this host gives plugins (:attr:`dm_plugins.DistillContext.offers`): its inner-class
+#: network and the class's real batch in the inter-class step, and that step with an optimiser
+#: of its own when a plugin asks (``plm --plm-step separate``).
+OFFERS = frozenset({"extractor", "real_batch", "separate_step"})
+
 
 class DANCEHost(DANCE):
     """DANCE with dm_plugins hooks: :class:`DANCE`'s arguments plus ``plugins``
@@ -59,7 +68,7 @@ class DANCEHost(DANCE):
                 real=self.real, device=self.device, memory_format=self.memory_format,
                 seed=self.seed, extra=self.extra,
                 classes=None if self.shard is None else list(self.classes),
-                extractor=self.experts.network()))  # a template, never used
+                offers=OFFERS, extractor=self.experts.network()))  # a template, never used
         super().start()
 
     def matching_extractor(self, t, middle):
@@ -68,10 +77,19 @@ class DANCEHost(DANCE):
     def select_real(self, label, real_features, syn_features, t):
         return self.plugins.select_real(label, real_features, syn_features, t)      # cap
 
-    def inter_class_losses(self, syn_images, syn_labels, t):
+    def inter_class_losses(self, syn_images, syn_labels, t, extractor=None, real_images=None,
+                           real_labels=None):
         if self.plugins.adds_losses:                                                # plm
-            return self.plugins.auxiliary_losses(syn_images, syn_labels, t)
+            return self.plugins.auxiliary_losses(syn_images, syn_labels, t, extractor=extractor,
+                                                 real_images=real_images,
+                                                 real_labels=real_labels)
         return super().inter_class_losses(syn_images, syn_labels, t)
+
+    def inter_class_wants_real(self):                                              # plm batch
+        return self.plugins.adds_losses and self.plugins.needs("real_batch")
+
+    def inter_class_lr(self):                                                      # plm separate
+        return self.plugins.separate_step_lr if self.plugins.adds_losses else None
 
     def close(self) -> None:
         if self._started:

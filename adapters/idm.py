@@ -44,6 +44,12 @@ from dm_plugins.distributed import ClassShard, place_real
 from dm_plugins.experts import build_network
 
 
+#: What this host gives plugins (:attr:`dm_plugins.DistillContext.offers`): the pass's matching
+#: network, passed to ``dm_auxiliary_loss`` (``plm --plm-logits extractor``). Its real features
+#: are computed for every class before the class loop, so it offers no real batch there.
+OFFERS = frozenset({"extractor"})
+
+
 class IDMHost(IDM):
     """IDM with dm_plugins hooks: :class:`IDM`'s arguments plus ``plugins`` (None = plain IDM)."""
 
@@ -57,7 +63,7 @@ class IDMHost(IDM):
                 num_classes=self.num_classes, ipc=self.ipc, num_iterations=self.num_iterations,
                 real=self.real, device=self.device, memory_format=self.memory_format,
                 seed=self.seed, extra=self.extra,
-                classes=None if self.shard is None else list(self.classes),
+                classes=None if self.shard is None else list(self.classes), offers=OFFERS,
                 extractor=build_network(self.network_factory)))  # a template, never used
         super().start()
 
@@ -67,8 +73,9 @@ class IDMHost(IDM):
     def select_real(self, label, real_features, syn_features, t):
         return self.plugins.select_real(label, real_features, syn_features, t)      # cap
 
-    def extra_losses(self, syn_images, syn_labels, t):
-        return self.plugins.auxiliary_losses(syn_images, syn_labels, t)             # plm
+    def extra_losses(self, syn_images, syn_labels, t, extractor=None):
+        return self.plugins.auxiliary_losses(syn_images, syn_labels, t,             # plm
+                                             extractor=extractor)
 
     def close(self) -> None:
         if self._started:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines.harness import driver  # noqa: E402
+from adapters.dance import OFFERS  # noqa: E402
 from baselines.harness.driver import MethodSpec, Preset, Rule  # noqa: E402
 
 
@@ -43,12 +44,32 @@ DEFAULTS = {
 iterations, 128 real images per class, at most 200 decoded synthetic images per class and step,
 one inter-class pass, 5 experts of 60 epochs, evaluation 1,500 epochs with DSA + CutMix."""
 
+PTLM_CODE = {
+    "plugins": "cap,ptm,plm",
+    "cap_end": 0.5, "cap_alpha": 200,              # progress (t // 2) / 10000; typical up to IPC 100
+    "ptm_lam": 2.0,                                # l = (T - t/2) / T, i.e. r = t / (2T)
+    "plm_logits": "extractor", "plm_target": "batch",  # interval net; current real batch
+    "plm_sharpen": "sum", "plm_tau": 0.01,         # softmax(sum of correct softmaxes / 0.01)
+    "plm_step": "separate", "plm_lr": 0.01,        # its own SGD, lr 0.01, DANCE's momentum
+    "eval_protocol": "dance",
+}
+"""The public PTLM code's reading (``PTLM.py`` in the GitHub repository CSliuyt/test, a copy of
+DANCE's condensation script); docs/methods.md#two-readings-of-ptlm lists each point. DANCE's
+iterations, experts and evaluation are this method's own defaults, so they are not repeated
+here (and the embedded dataset's small budget still applies on digits)."""
+
 PRESETS = {
     "ptlm": Preset(
-        "PTLM's plugins on DANCE: plugins cap,ptm,plm unless --plugins is given (--preset "
-        "ptlm --plugins none is the matched control); DANCE's image lr (0.01 x IPC, which is "
-        "also PTLM's) and factor 2 stay",
+        "PTLM's plugins on DANCE as the paper's text reads them: plugins cap,ptm,plm unless "
+        "--plugins is given (--preset ptlm --plugins none is the matched control); DANCE's "
+        "image lr (0.01 x IPC, which is also PTLM's) and factor 2 stay",
         {"plugins": "cap,ptm,plm"}),
+    "ptlm-code": Preset(
+        "PTLM as its one public implementation runs it (a DANCE fork): cap with schedule end "
+        "0.5 and the typical rule up to IPC 199, ptm with lambda 2, plm through the matching "
+        "network against the current real batch's summed predictions / 0.01 in a separate "
+        "step (lr 0.01); DANCE's iterations, experts and evaluation",
+        PTLM_CODE),
 }
 
 
@@ -96,7 +117,7 @@ SPEC = MethodSpec(
                 "so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
     needs_experts=True, checks={"batch_syn_max": "positive", "iter_calib": "nonnegative"},
-    shards_classes=True)
+    shards_classes=True, offers=OFFERS)
 
 
 def build_parser():

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines.harness import driver  # noqa: E402
+from dm_plugins.loop import OFFERS  # noqa: E402
 from baselines.harness.driver import EMBEDDED, MethodSpec, Preset, Rule  # noqa: E402,F401
 
 
@@ -72,7 +73,8 @@ SPEC = MethodSpec(
                 "Defaults come from the method (the DM paper) or from --preset ptlm, never from "
                 "which plugins are on. On the embedded 'digits' set some defaults are smaller "
                 "so a run takes minutes on a CPU; those are marked [embedded].",
-    defaults=DEFAULTS, build_host=build_host, presets=PRESETS, shards_classes=True)
+    defaults=DEFAULTS, build_host=build_host, presets=PRESETS, shards_classes=True,
+    offers=OFFERS)
 
 
 def build_parser():

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines.harness import driver  # noqa: E402
+from adapters.idm import OFFERS  # noqa: E402
 from baselines.harness.driver import EMBEDDED_BUDGET, MethodSpec, Preset, Rule  # noqa: E402
 
 REFERENCE = {
@@ -145,7 +146,7 @@ SPEC = MethodSpec(
                 "never from which plugins are on. On the embedded 'digits' set some defaults "
                 "are smaller so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
-    embedded_budget=EMBEDDED, shards_classes=True, needs_every_class=True,
+    embedded_budget=EMBEDDED, shards_classes=True, offers=OFFERS, needs_every_class=True,
     checks={"ce_weight": "nonnegative", "net_num": "positive", "net_generate_interval": "positive",
             "train_net_num": "positive", "fetch_net_num": "nonnegative",
             "model_train_steps": "nonnegative", "trained_bs": "positive",

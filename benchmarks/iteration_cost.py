@@ -25,7 +25,10 @@ so that drift in machine speed affects them alike) for:
                   matching steps, per-class CE steps through the trained expert (image lr
                   0.01 x IPC, at most 200 decoded images per class); ``dance+all``: DANCE with
                   cap, ptm and plm (plm in place of the CE step). Shared ``--batch-real`` and
-                  ``--factor`` (DANCE's own: 128 and 2); no ``--compile``.
+                  ``--factor`` (DANCE's own: 128 and 2); no ``--compile``;
+                  ``dance+ptlm-code``: DANCE with the three plugins as the public PTLM code
+                  reads them (``baselines/dance.py --preset ptlm-code``: plm through the
+                  matching network against the current real batch, in a separate step).
 - ``dm-preset``:  what a DM user runs: the host at factor 1, no plugins;
   ``ptlm-preset``: what a PTLM user runs: the host at factor 2 with cap, ptm and plm
                   (both ignore ``--factor``; their ratio is the price of PTLM).
@@ -74,11 +77,11 @@ if __package__ in (None, ""):
 import torch
 
 VARIANTS = ("naive", "host-nchw", "host-unchunked", "host-eager", "host", "cap", "ptm", "plm", "all",
-            "dm-preset", "ptlm-preset", "idm", "idm+all", "dance", "dance+all")
+            "dm-preset", "ptlm-preset", "idm", "idm+all", "dance", "dance+all", "dance+ptlm-code")
 PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host-eager": "none", "host": "none",
            "cap": "cap", "ptm": "ptm", "plm": "plm", "all": "cap,ptm,plm", "dm-preset": "none",
            "ptlm-preset": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
-           "dance": "none", "dance+all": "cap,ptm,plm"}
+           "dance": "none", "dance+all": "cap,ptm,plm", "dance+ptlm-code": "cap,ptm,plm"}
 PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
 NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked", "host-eager")  # references: eager
 STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
@@ -208,7 +211,12 @@ def make_stepper(variant, data, factory, experts, ipc, args, device):
                                iteration=t, device=device)
         return step, lambda: None, None
     # lazy=False: PLM's pseudo-labels are a one-off setup cost, kept out of the timed iterations
-    plugins = PluginSet.from_names(PLUGINS[variant], experts=experts, lazy=False,
+    options = {}
+    if variant == "dance+ptlm-code":  # the preset's plugin options, read as a run reads them
+        from baselines.dance import PTLM_CODE
+        from baselines.harness.plugin_flags import plugin_options
+        options = plugin_options({**PTLM_CODE, "plugins": PLUGINS[variant].split(",")})
+    plugins = PluginSet.from_names(PLUGINS[variant], options=options, experts=experts, lazy=False,
                                    chunk=args.syn_chunk,
                                    compile=args.compile and variant not in NEVER_COMPILED
                                    and not variant.startswith(("idm", "dance")))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .hookspecs import hookimpl
+from .options import PluginOption, at_least, in_unit_interval
 
 TYPICAL = "typical"
 DIVERSE = "diverse"
@@ -16,12 +17,24 @@ def capacity_mode(ipc: int, alpha: int) -> str:
     return DIVERSE if ipc >= alpha else TYPICAL
 
 
+def capacity_progress(iteration: int, num_iterations: int, end: float = 1.0) -> float:
+    """Eq. 4's progress ``p = end * t / T``.
+
+    ``end = 1`` is the paper's text (``p = t / T``, reaching 1 at the end of the run).
+    ``end = 0.5`` is the public code's reading: it uses ``(t // 2) / 10000`` with DANCE's
+    ``T = 10,000``, i.e. ``t / (2T)``, so the filter never gets stricter than half way (the
+    floor of ``t / 2`` moves ``p`` by at most ``1 / (2T)`` and is not reproduced).
+    """
+    return end * iteration / num_iterations
+
+
 def capacity_keep_mask(real_features: torch.Tensor, syn_features: torch.Tensor,
-                       iteration: int, num_iterations: int, mode: str) -> torch.Tensor:
+                       iteration: int, num_iterations: int, mode: str,
+                       end: float = 1.0) -> torch.Tensor:
     """Keep-mask over a class's real batch (Eq. 2-4).
 
     Eq. 2: ``z_syn = mean_j f(x_syn_j)``. Eq. 3: ``s_i = cos(z_syn, f(x_real_i))``.
-    Eq. 4, with ``p = t / T``:
+    Eq. 4, with ``p = end * t / T`` (:func:`capacity_progress`; the paper: ``end = 1``):
 
     - typical mode (IPC < alpha): keep i iff ``s_i > s_min + p * (s_mean - s_min)``;
     - diverse mode (IPC >= alpha): keep i iff ``s_i <= s_max - p * (s_max - s_mean)``.
@@ -38,6 +51,7 @@ def capacity_keep_mask(real_features: torch.Tensor, syn_features: torch.Tensor,
         iteration: t in ``0 .. T-1``.
         num_iterations: T.
         mode: ``"typical"`` or ``"diverse"``.
+        end: the largest progress (1 in the paper's text, 0.5 in the public code).
 
     Returns:
         Boolean tensor (B,).
@@ -46,7 +60,7 @@ def capacity_keep_mask(real_features: torch.Tensor, syn_features: torch.Tensor,
         raise ValueError(f"capacity mode must be {TYPICAL!r} or {DIVERSE!r}, got {mode!r}")
     z_syn = syn_features.detach().mean(dim=0, keepdim=True)
     scores = F.cosine_similarity(real_features.detach().float(), z_syn.float(), dim=1)
-    progress = iteration / num_iterations
+    progress = capacity_progress(iteration, num_iterations, end)
     s_min, s_max, s_mean = scores.min(), scores.max(), scores.mean()
     if float(s_max - s_min) <= TIE_TOLERANCE:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -70,17 +84,31 @@ class CapacityMatching:
     costs no extra forward pass.
 
     Args:
-        alpha: IPC threshold between the two modes (paper default 50).
+        alpha: IPC threshold between the two modes (paper text: 50; the public code uses the
+            typical rule up to IPC 100 and marks the diverse one "for high IPC 200-1000", which
+            is ``alpha = 200``).
+        end: the largest progress of the schedule (paper text: 1; public code: 0.5, see
+            :func:`capacity_progress`).
         ipc: stored images per class; taken from the run context at setup when not given.
     """
 
     name = "cap"
     needs_experts = False
+    options = (
+        PluginOption("alpha", int, 50, "IPC threshold: typical mode below it, diverse mode at "
+                     "or above it (paper 50; the public code's reading 200)",
+                     check=at_least(1)),
+        PluginOption("end", float, 1.0, "largest progress of the schedule p = end * t/T, in "
+                     "(0, 1] (paper 1; the public code's reading 0.5)", check=in_unit_interval),
+    )
 
-    def __init__(self, alpha: int = 50, ipc: int | None = None):
+    def __init__(self, alpha: int = 50, end: float = 1.0, ipc: int | None = None):
         if alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {alpha}")
+        if not 0 < end <= 1:
+            raise ValueError(f"cap's end must be in (0, 1], got {end}")
         self.alpha = int(alpha)
+        self.end = float(end)
         self.ipc = ipc
 
     @property
@@ -97,7 +125,7 @@ class CapacityMatching:
         if self.ipc is None:
             raise RuntimeError("CapacityMatching needs the IPC: call dm_setup first or pass ipc=")
         return capacity_keep_mask(real_features, syn_features, iteration, num_iterations,
-                                  self.mode)
+                                  self.mode, self.end)
 
     def __repr__(self) -> str:
-        return f"CapacityMatching(alpha={self.alpha}, ipc={self.ipc})"
+        return f"CapacityMatching(alpha={self.alpha}, end={self.end}, ipc={self.ipc})"

@@ -11,6 +11,10 @@ from .data import ClassIndexedData
 from .errors import PluginError
 
 
+OFFERS = frozenset({"extractor", "real_batch", "separate_step"})
+"""What a host may offer plugins (:attr:`DistillContext.offers`)."""
+
+
 @dataclass
 class DistillContext:
     """What a distillation run is, as plugins see it.
@@ -33,6 +37,14 @@ class DistillContext:
         classes: the classes this host optimises when it holds only some (a class-sharded run,
             :mod:`dm_plugins.distributed`): the synthetic images a plugin sees are theirs, and
             ``real`` may hold only their images (it still draws for every class). None: all.
+        offers: what the host gives plugins beyond the required hook arguments:
+            ``"extractor"`` (its matching network of iteration t passed to
+            ``dm_auxiliary_loss``), ``"real_batch"`` (the class's real batch, augmented with the
+            synthetic images' draw, passed there too) and ``"separate_step"`` (it runs the
+            auxiliary losses in an image step of their own when a plugin asks for one, see
+            :attr:`dm_plugins.PluginSet.separate_step_lr`). A plugin whose options need one
+            the host does not offer refuses at setup. DANCE's host offers all three, DM's and
+            IDM's ``"extractor"``; a user's loop offers what it passes (default: nothing).
     """
 
     num_classes: int
@@ -45,6 +57,7 @@ class DistillContext:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     classes: list[int] | None = None
+    offers: frozenset[str] = frozenset()
 
     def __post_init__(self):
         for name in ("num_classes", "ipc", "num_iterations"):
@@ -52,6 +65,11 @@ class DistillContext:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PluginError(f"DistillContext.{name} must be an integer >= 1, got {value!r}")
         self.device = torch.device(self.device)
+        unknown = set(self.offers) - OFFERS
+        if unknown:
+            raise PluginError(f"DistillContext.offers: unknown {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(OFFERS))}")
+        self.offers = frozenset(self.offers)
 
     def require(self, name: str, plugin: str, why: str):
         """The optional field ``name``, or a one-line :class:`PluginError` if it is missing."""

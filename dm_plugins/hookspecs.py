@@ -104,12 +104,16 @@ def dm_select_real(label: int, real_features: "torch.Tensor", syn_features: "tor
 
 @hookspec
 def dm_auxiliary_loss(syn_images: "torch.Tensor", syn_labels: "torch.Tensor", iteration: int,
-                      num_iterations: int) -> "dict[str, torch.Tensor] | None":
+                      num_iterations: int, extractor: "nn.Module | None",
+                      real_images: "torch.Tensor | None", real_labels: "torch.Tensor | None"
+                      ) -> "dict[str, torch.Tensor] | None":
     """Return extra losses on the synthetic images, added to the matching loss (Eq. 10).
 
     Called after the matching loss is built and before the backward pass: once per iteration
     with every class's images, or once per class in a per-class loop (the losses are sums over
-    classes of per-class means, so the per-class calls add up to the single call).
+    classes of per-class means, so the per-class calls add up to the single call). A host that
+    offers a separate step (``"separate_step"`` in :attr:`DistillContext.offers`) calls it there
+    instead when a plugin asks for one (see :attr:`dm_plugins.PluginSet.separate_step_lr`).
 
     :param syn_images: (N, C, H, W) the synthetic images exactly as the extractor saw them in
         this iteration: decoded (factorisation), normalised and augmented with the same draw as
@@ -117,6 +121,11 @@ def dm_auxiliary_loss(syn_images: "torch.Tensor", syn_labels: "torch.Tensor", it
     :param syn_labels: (N,) their class labels (long).
     :param iteration: t.
     :param num_iterations: T.
+    :param extractor: the host's matching network of iteration t, when the host offers
+        ``"extractor"``; else None.
+    :param real_images: the real batch of the classes in ``syn_labels``, augmented with the same
+        draw as ``syn_images``, no graph, when the host offers ``"real_batch"``; else None.
+    :param real_labels: their labels, or None.
 
     Return value: a dict of named scalar losses connected to ``syn_images``'s graph (e.g.
     ``{"plm": loss}``), or ``None`` for none this iteration. All implementations are called;

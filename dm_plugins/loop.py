@@ -54,6 +54,12 @@ Decode = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 """``decode(stored, labels) -> (images, labels)``: e.g. factorisation; identity when None."""
 
 
+#: What DMHost gives plugins (:attr:`DistillContext.offers`): its matching network of iteration
+#: t, passed to ``dm_auxiliary_loss`` (``plm --plm-logits extractor``). It batches every class's
+#: real images in one pass, so it offers no per-class real batch, and it makes one image step.
+OFFERS = frozenset({"extractor"})
+
+
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, D) mean feature of each class (rows of absent classes are 0)."""
     sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
@@ -272,7 +278,7 @@ class DMHost:
         match = ((real_mean - syn_mean) ** 2).sum()
 
         with stage("auxiliary_losses"):
-            parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t)
+            parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t, extractor=net)
         total = match + sum(parts.values()) if parts else match
         sums = sum_over_shards(self.shard, {  # a sharded host: the sums over every rank
             "loss": float(total.detach()), "loss_match": float(match.detach()),
@@ -302,7 +308,7 @@ class DMHost:
                               num_iterations=self.num_iterations, real=self.real,
                               extractor=self.extractor, device=self.device,
                               memory_format=self.memory_format, seed=self.seed,
-                              extra=self.extra,
+                              extra=self.extra, offers=OFFERS,
                               classes=None if self.shard is None else list(self.classes))
 
     def _ensure_setup(self) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from . import hookspecs
 from .context import DistillContext
 from .errors import PluginError
+from .options import RESOURCES, check_options, declared_options
 
 ENTRY_POINT_GROUP = "dm_plugins"
 
@@ -66,6 +67,10 @@ class _LazyEntryPoint:
     def needs_experts(self) -> bool:
         return bool(getattr(self.ep.load(), "needs_experts", False))
 
+    @property
+    def options(self):
+        return declared_options(self.ep.load())
+
 
 def parse_plugin_names(spec: str | None) -> list[str]:
     """``"cap,ptm,plm"`` -> ``["cap", "ptm", "plm"]``; ``"none"``, ``""`` or None -> ``[]``.
@@ -112,15 +117,18 @@ def plugins_need_experts(spec: str | list[str] | tuple[str, ...] | None) -> bool
                for name in check_plugin_names(spec))
 
 
-def _call_with_accepted(factory: Callable[..., Any], options: dict[str, Any]):
-    """Call ``factory`` with the options its signature accepts (all of them if it has **kw)."""
+def _call_with_accepted(factory: Callable[..., Any], options: dict[str, Any],
+                        required: dict[str, Any] | None = None):
+    """Call ``factory`` with the options its signature accepts (all of them if it has **kw);
+    those in ``required`` (its declared options) are always passed."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return factory(**options)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return factory(**options)
-    return factory(**{k: v for k, v in options.items() if k in params})
+    keep = set(params) | set(required or {})
+    return factory(**{k: v for k, v in options.items() if k in keep})
 
 
 def make_plugin_manager() -> pluggy.PluginManager:
@@ -163,18 +171,44 @@ class PluginSet:
             self.register(plugin)
 
     @classmethod
-    def from_names(cls, spec: str | list[str] | tuple[str, ...] | None, **options) -> "PluginSet":
+    def from_names(cls, spec: str | list[str] | tuple[str, ...] | None,
+                   options: dict[str, dict[str, Any]] | None = None, **resources) -> "PluginSet":
         """Build plugins by name (``"cap,ptm,plm"``, ``"ptm"``, ``"none"``).
 
-        ``options`` are passed to each plugin's factory, each taking the ones it accepts
-        (``experts``, ``alpha``, ``lam``, ``tau``, ...). An unknown name raises
-        :class:`PluginError` listing the available names.
+        ``options`` maps a plugin name to its own options (``{"cap": {"end": 0.5}}``), checked
+        against what the plugin declares (:mod:`dm_plugins.options`); a plugin never receives
+        another plugin's options. ``resources`` (``experts``, ``compile``) go to every factory
+        that accepts them. An unknown name raises :class:`PluginError` listing the available
+        names.
+
+        Deprecated (kept for one release, with a ``DeprecationWarning``): a plugin option passed
+        as a flat keyword (``alpha=7``) goes to the named plugins that declare an option of
+        that name; any other keyword is passed as a resource.
         """
         names = check_plugin_names(spec)
         factories = available_plugins()
+        options = dict(options or {})
+        for name in options:
+            if name not in names:
+                raise PluginError(f"options given for plugin {name!r}, which is not among "
+                                  f"{', '.join(names) or 'none'}")
+        flat = {k: v for k, v in resources.items() if k not in RESOURCES}
+        owners = {k: [n for n in names if k in {o.name for o in declared_options(factories[n])}]
+                  for k in flat}
+        for key, owned_by in owners.items():
+            if owned_by:
+                import warnings
+                warnings.warn(f"PluginSet.from_names({key}=...) is deprecated: pass "
+                              f"options={{{owned_by[0]!r}: {{{key!r}: ...}}}}",
+                              DeprecationWarning, stacklevel=2)
+                for n in owned_by:
+                    options.setdefault(n, {}).setdefault(key, flat[key])
+                resources.pop(key)
         plugins = cls()
         for name in names:
-            plugins.register(_call_with_accepted(factories[name], options), name=name)
+            own = check_options(name, factories[name], options.get(name, {}))
+            plugins.register(_call_with_accepted(factories[name], {**resources, **own},
+                                                 required=own), name=name)
         return plugins
 
     def register(self, plugin: Any, name: str | None = None) -> None:
@@ -222,6 +256,23 @@ class PluginSet:
         return bool(self.pm.hook.dm_select_real.get_hookimpls())
 
     @property
+    def separate_step_lr(self) -> float | None:
+        """The learning rate of the separate image step a plugin asks for (attribute
+        ``separate_step_lr`` of a plugin, e.g. ``plm --plm-step separate``), or None when every
+        auxiliary loss belongs in the host's own step. A host offering ``"separate_step"`` runs
+        the auxiliary losses there with an SGD optimiser of its own at this rate."""
+        rates = {getattr(p, "separate_step_lr", None) for p in self.plugins()} - {None}
+        if len(rates) > 1:
+            raise PluginError(f"plugins ask for separate image steps at different learning "
+                              f"rates ({', '.join(map(str, sorted(rates)))}); use one rate")
+        return next(iter(rates), None)
+
+    def needs(self, offer: str) -> bool:
+        """True when some plugin asks the host for ``offer`` (a plugin's ``host_needs``; see
+        :attr:`DistillContext.offers`): a host computes what it passes only when asked."""
+        return any(offer in getattr(p, "host_needs", ()) for p in self.plugins())
+
+    @property
     def adds_losses(self) -> bool:
         """True when some plugin implements ``dm_auxiliary_loss`` (a host whose own auxiliary
         step the plugins replace, e.g. DANCE's inter-class step, asks this)."""
@@ -247,6 +298,7 @@ class PluginSet:
         if context is not None and fields:
             raise PluginError("pass PluginSet.setup either a DistillContext or its fields, not both")
         self.context = context if context is not None else DistillContext(**fields)
+        self.separate_step_lr  # two plugins asking for different step rates: refused here
         self.pm.hook.dm_setup(context=self.context)
         return self.context
 
@@ -306,16 +358,24 @@ class PluginSet:
         return keep
 
     def auxiliary_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
-                         iteration: int) -> dict[str, torch.Tensor]:
-        """The plugins' ``dm_auxiliary_loss`` results merged into one dict of named losses."""
+                         iteration: int, extractor: nn.Module | None = None,
+                         real_images: torch.Tensor | None = None,
+                         real_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The plugins' ``dm_auxiliary_loss`` results merged into one dict of named losses.
+        ``extractor`` and ``real_images`` / ``real_labels``: what the host offers (see the
+        hook spec); None otherwise."""
         t = self._check_iteration(iteration)
         if syn_images.shape[0] != syn_labels.shape[0]:
             raise PluginError(f"{syn_images.shape[0]} synthetic images but {syn_labels.shape[0]} "
                               f"labels")
+        if (real_images is None) != (real_labels is None) or (
+                real_images is not None and real_images.shape[0] != real_labels.shape[0]):
+            raise PluginError("pass real_images and real_labels together, one label per image")
         merged: dict[str, torch.Tensor] = {}
         for result in self.pm.hook.dm_auxiliary_loss(
                 syn_images=syn_images, syn_labels=syn_labels, iteration=t,
-                num_iterations=self.num_iterations):
+                num_iterations=self.num_iterations, extractor=extractor,
+                real_images=real_images, real_labels=real_labels):
             if not isinstance(result, dict):
                 raise PluginError(f"dm_auxiliary_loss must return a dict of named losses or "
                                   f"None, got {type(result).__name__}")
@@ -326,9 +386,10 @@ class PluginSet:
         return merged
 
     def auxiliary_loss(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
-                       iteration: int) -> torch.Tensor | float:
-        """Sum of the plugins' auxiliary losses (0.0 when none)."""
-        parts = self.auxiliary_losses(syn_images, syn_labels, iteration)
+                       iteration: int, **offered) -> torch.Tensor | float:
+        """Sum of the plugins' auxiliary losses (0.0 when none); ``offered`` as in
+        :meth:`auxiliary_losses`."""
+        parts = self.auxiliary_losses(syn_images, syn_labels, iteration, **offered)
         return sum(parts.values()) if parts else 0.0
 
     def teardown(self) -> None:

@@ -6,6 +6,7 @@ from torch import nn
 
 from .errors import ExpertError, PluginError
 from .hookspecs import hookimpl
+from .options import PluginOption, at_least
 
 
 def injection_ratio(iteration: int, num_iterations: int, lam: float = 1.0) -> float:
@@ -40,10 +41,16 @@ class PseudoTrajectoryMatching:
     Args:
         experts: an :class:`dm_plugins.ExpertPool`.
         lam: lambda >= 1 (paper default 1); larger lambda injects less (lambda = 10 caps r at 0.1).
+            The public code's interval model ``l * theta_init + (1 - l) * theta_star`` with
+            ``l = (T - t/2) / T`` is ``r = t / (2T)``: ``lam = 2``.
     """
 
     name = "ptm"
     needs_experts = True
+    options = (
+        PluginOption("lam", float, 1.0, "lambda >= 1: injection ratio r = (t/lambda)/T (paper 1; "
+                     "the public code's reading 2)", check=at_least(1)),
+    )
 
     def __init__(self, experts=None, lam: float = 1.0):
         if experts is None:

@@ -148,7 +148,7 @@ def test_same_seed_same_synthetic_set_across_processes():
 # -- plugins through the host -------------------------------------------------------------------
 def test_diverse_capacity_mode_through_the_host(toy, tiny_factory):
     """IPC >= alpha: the host keeps exactly the Eq. 4 diverse-mode rows of each class."""
-    plugins = PluginSet.from_names("cap", alpha=2)
+    plugins = PluginSet.from_names("cap", options={"cap": {"alpha": 2}})
     host = DMHost(toy, tiny_factory, _syn(toy, ipc=2), num_iterations=4, plugins=plugins,
                   batch_real=8, seed=0)
     t = 3
@@ -196,7 +196,8 @@ def test_ptm_and_plm_use_the_same_expert_every_iteration(toy, tiny_factory, pool
 @pytest.mark.parametrize("tau", [0.1, 0.5, 2.0])
 def test_plm_targets_follow_tau(pool, toy, tau):
     """Eq. 8 with the plugin's tau: softmax(y_avg / tau), y_avg over correct predictions."""
-    plugins = PluginSet.from_names("plm", experts=pool, tau=tau, max_real_per_class=100)
+    plugins = PluginSet.from_names("plm", experts=pool,
+                                   options={"plm": {"tau": tau, "max_real_per_class": 100}})
     plugins.setup(num_classes=3, ipc=1, num_iterations=4, real=toy)
     plm = plugins.plugins()[0]
     for k in range(2):

@@ -30,7 +30,9 @@ def test_unknown_name_lists_available_names_in_one_line():
 
 
 def test_built_ins_get_their_options(pool):
-    plugins = PluginSet.from_names("cap,ptm,plm", experts=pool, alpha=7, lam=3, tau=0.2)
+    plugins = PluginSet.from_names("cap,ptm,plm", experts=pool,
+                                   options={"cap": {"alpha": 7}, "ptm": {"lam": 3},
+                                            "plm": {"tau": 0.2}})
     cap, ptm, plm = plugins.plugins()
     assert isinstance(cap, CapacityMatching) and cap.alpha == 7
     assert isinstance(ptm, PseudoTrajectoryMatching) and ptm.lam == 3

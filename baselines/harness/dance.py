@@ -9,7 +9,11 @@ can go, as methods a subclass overrides (``adapters/dance.py`` does), plus :meth
   model of iteration ``t``);
 * :meth:`DANCE.select_real` -- which real features of a class are matched (DANCE: all);
 * :meth:`DANCE.inter_class_losses` -- the named losses of the inter-class step (DANCE:
-  ``{"ce": CE(trained expert(images), hard labels)}``).
+  ``{"ce": CE(trained expert(images), hard labels)}``); it also receives the inner-class
+  step's network and, when :meth:`DANCE.inter_class_wants_real` says so, the class's real batch
+  augmented together with the synthetic images;
+* :meth:`DANCE.inter_class_lr` -- the inter-class step's learning rate when it has an image
+  optimiser of its own (DANCE: None, the one shared optimiser).
 
 The stored images live in pixel space [0, 1]; every view of them the networks see is normalised
 first (the reference normalises inside its augmentation). One iteration ``t``:
@@ -25,10 +29,13 @@ first (the reference normalises inside its augmentation). One iteration ``t``:
    stored images;
 4. inter-class view, ``iter_calib`` times, per class ``c``: the class's decoded synthetic images,
    a new augmentation draw, ``CE(expert_k(images), c)`` through expert ``k``'s trained weights
-   (hard labels, weight 1); one SGD step.
+   (hard labels, weight 1); one SGD step. (When a subclass asks for the real batch, a new real
+   batch of the class is drawn and augmented together with the synthetic images, one draw, as
+   the public PTLM code does for its pseudo-label step.)
 
 One SGD optimiser (lr ``0.01 x IPC``, momentum 0.5) holds every stored image, so both views'
-per-class steps share one momentum buffer. Every random draw comes from a generator derived
+per-class steps share one momentum buffer (unless :meth:`DANCE.inter_class_lr` gives the
+inter-class step an optimiser of its own, with the same momentum). Every random draw comes from a generator derived
 from the run seed and ``t`` (and the class or step), so a resumed run equals an uninterrupted one.
 
 Class-sharded (``shard=``, ``torchrun --nproc-per-node K baselines/dance.py``; the contract is
@@ -76,6 +83,7 @@ _MIX_STREAM = 0xDA0    # the mixing weight l of iteration t
 _REAL_STREAM = 0xDA1   # the real batch of (t, class)
 _AUG_STREAM = 0xDA2    # the augmentation draw of (t, view, step, class)
 _SUB_STREAM = 0xDA3    # the subset of decoded synthetic images of (t, view, step, class)
+_INTER_REAL_STREAM = 0xDA4  # the inter-class real batch of (t, step, class), when asked for
 
 _INNER, _INTER = 0, 1
 
@@ -147,7 +155,9 @@ class DANCE:
         self.syn = syn_init.detach().clone().to(self.device).requires_grad_(True)
         self.syn_labels = torch.arange(self.classes.start, self.classes.stop,
                                        device=self.device).repeat_interleave(self.ipc)
+        self.momentum = float(momentum)
         self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=momentum)
+        self._inter_optimizer: torch.optim.Optimizer | None = None
         self._middle = experts.network(self.device, self.memory_format)
         self.iteration = 0
         self._started = False
@@ -163,14 +173,38 @@ class DANCE:
         """The real features of class ``label`` that are matched. DANCE: all of them."""
         return real_features
 
-    def inter_class_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
-                           t: int) -> dict[str, torch.Tensor]:
+    def inter_class_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor, t: int,
+                           extractor: nn.Module | None = None,
+                           real_images: torch.Tensor | None = None,
+                           real_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The named losses of one class's inter-class step (images decoded, augmented and
-        normalised). DANCE: cross-entropy through the trained expert of ``t`` with the hard
-        labels, weight 1."""
+        normalised). ``extractor``: the inner-class step's network of ``t``; ``real_images``:
+        the class's real batch augmented with the synthetic images' draw, when
+        :meth:`inter_class_wants_real` (else None). DANCE: cross-entropy through the trained
+        expert of ``t`` with the hard labels, weight 1."""
         expert = self.experts.trained_network(self.experts.pick(t), self.device,
                                               self.memory_format)
         return {"ce": F.cross_entropy(expert(syn_images), syn_labels)}
+
+    def inter_class_wants_real(self) -> bool:
+        """Whether the inter-class step draws a real batch for :meth:`inter_class_losses`.
+        DANCE: no."""
+        return False
+
+    def inter_class_lr(self) -> float | None:
+        """The inter-class step's own learning rate (an SGD optimiser of its own, DANCE's
+        momentum), or None for the one shared optimiser. DANCE: None."""
+        return None
+
+    @property
+    def inter_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser of the inter-class step: the shared one, or its own (built once)."""
+        lr = self.inter_class_lr()
+        if lr is None:
+            return self.optimizer
+        if self._inter_optimizer is None:
+            self._inter_optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=self.momentum)
+        return self._inter_optimizer
 
     def start(self) -> None:
         """Called once before the first iteration (idempotent)."""
@@ -256,20 +290,32 @@ class DANCE:
             match += float(loss.detach())
             drawn, kept = drawn + n_real, kept + n_kept
         inter: dict[str, float] = {}
+        optimizer, wants_real = self.inter_optimizer, self.inter_class_wants_real()
         for step in range(self.iter_calib):
             for c in range(self.num_classes):
                 if c not in self.classes:
-                    image_step(self.optimizer, self.syn, None)
+                    image_step(optimizer, self.syn, None)
                     continue
                 syn, labels = self.synthetic_view(c, t, _INTER, step)
-                syn_aug = self._augment(self.normalize(syn), c, t, _INTER, step)
-                losses = self.inter_class_losses(syn_aug, labels, t)
+                real_aug = real_labels = None
+                if wants_real:
+                    g = make_generator(self.seed, _INTER_REAL_STREAM, t, step, c)
+                    real = self.real.sample(c, self.batch_real, g).to(self.device)
+                    both = self._augment(torch.cat([real, self.normalize(syn)]), c, t, _INTER,
+                                         step)
+                    real_aug, syn_aug = both[:real.shape[0]], both[real.shape[0]:]
+                    real_labels = torch.full((real.shape[0],), c, dtype=torch.long,
+                                             device=self.device)
+                else:
+                    syn_aug = self._augment(self.normalize(syn), c, t, _INTER, step)
+                losses = self.inter_class_losses(syn_aug, labels, t, extractor, real_aug,
+                                                 real_labels)
                 if not losses:
                     if self.shard is not None:
                         raise ValueError(f"DANCE: class {c} has no inter-class loss; a "
                                          f"class-sharded host needs one for every class")
                     continue
-                image_step(self.optimizer, self.syn, sum(losses.values()))
+                image_step(optimizer, self.syn, sum(losses.values()))
                 for name, value in losses.items():
                     inter[name] = inter.get(name, 0.0) + float(value.detach())
         sums = sum_over_shards(self.shard, {
@@ -296,8 +342,20 @@ class DANCE:
     def state_dict(self) -> dict:
         """Everything needed to resume: next iteration, stored images and the image
         optimiser's state (the experts are read-only and saved elsewhere); a sharded host's
-        also names its classes, and :meth:`load_state_dict` refuses another shard's."""
-        return synthetic_state(self, self.optimizer.state_dict())
+        also names its classes, and :meth:`load_state_dict` refuses another shard's. With an
+        inter-class optimiser of its own, its state too (``inter_optimizer``)."""
+        state = synthetic_state(self, self.optimizer.state_dict())
+        if self.inter_class_lr() is not None:
+            state["inter_optimizer"] = self.inter_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        own = self.inter_class_lr() is not None
+        if own != ("inter_optimizer" in state):
+            raise ValueError("the checkpoint's inter-class step " +
+                             ("shares the image optimiser" if own else "has its own optimiser")
+                             + ", this run's " +
+                             ("has its own" if own else "shares it"))
         restore_synthetic(self, state)
+        if own:
+            self.inter_optimizer.load_state_dict(state["inter_optimizer"])

@@ -133,6 +133,8 @@ class MethodSpec:
             of more than one process is refused before any work.
         needs_every_class: with ``shards_classes``, ``dataset.train`` keeps every class's
             images in every process (IDM: its model queue trains on all of them).
+        offers: what the method's host gives plugins (:attr:`dm_plugins.DistillContext.offers`);
+            plugin options that need more are refused before any work.
     """
 
     name: str
@@ -147,6 +149,7 @@ class MethodSpec:
     checks: Mapping[str, str] = field(default_factory=dict)
     shards_classes: bool = False
     needs_every_class: bool = False
+    offers: frozenset = frozenset()
 
     def __post_init__(self):
         missing = [key for key in LAYERED if key not in self.defaults]
@@ -214,9 +217,6 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--iterations", type=int, default=None, help=f"distillation iterations T {d('iterations')}")
     a("--plugins", default=None,
       help=f"comma list of cap, ptm, plm (or third-party names), or 'none' {d('plugins')}")
-    a("--alpha", type=int, default=50, help="cap: IPC threshold between typical and diverse mode")
-    a("--lam", type=float, default=1.0, help="ptm: lambda >= 1; injection ratio r = (t/lambda)/T")
-    a("--tau", type=float, default=0.1, help="plm: sharpening temperature")
     a("--experts", default=None,
       help="expert directory for methods and plugins that need experts (dance, ptm, plm); "
            "trained and saved there "
@@ -253,8 +253,11 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--eval-epochs", type=int, default=None,
       help=f"epochs per evaluation run {d('eval_epochs')}")
     a("--eval-arch", default="convnet", help="comma list: convnet, resnet10, resnet18, densenet121")
-    a("--eval-protocol", choices=["dm", "dance"], default=spec.defaults.get("eval_protocol", "dm"),
-      help="dm: DSA; dance: DSA + CutMix (p 0.5)")
+    a("--eval-protocol", choices=["dm", "dance", "dsa-cutmix"],
+      default=spec.defaults.get("eval_protocol", "dm"),
+      help="dm: DM's (batch 256, lr x0.1 at half, per-image DSA); dance: DANCE's (batch 64, "
+           "lr x0.2 at 2/3 and 5/6, IDC's per-image colour+crop, CutMix p 0.5); dsa-cutmix: dm "
+           "plus CutMix p 0.5 (called dance before 2026-12-04)")
     a("--channels-last", choices=["auto", "on", "off"], default="auto",
       help="channels-last memory format for the networks; auto = on for CPU (measured faster, "
            "see README benchmarks), off for CUDA")
@@ -269,6 +272,10 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
     a("--no-progress", action="store_true", help="no progress bars")
     if spec.add_arguments is not None:
         spec.add_arguments(p)
+    from .plugin_flags import add_plugin_flags
+    add_plugin_flags(p, lambda key: "; ".join(
+        f"preset {name}: {_show(preset.values[key])}" for name, preset in spec.presets.items()
+        if key in preset.values))
     return p
 
 
@@ -343,8 +350,7 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
     config = {
         "method": spec.name, "preset": getattr(args, "preset", None) or spec.name,
         "dataset": dataset.name, "data_path": v["data_path"], "ipc": v["ipc"],
-        "iterations": v["iterations"], "plugins": plugins, "alpha": v["alpha"],
-        "lam": v["lam"], "tau": v["tau"], "experts": v["experts"],
+        "iterations": v["iterations"], "plugins": plugins, "experts": v["experts"],
         "num_experts": v["num_experts"], "expert_epochs": v["expert_epochs"],
         "expert_recipe": v["expert_recipe"],
         "expert_seed": v["seed"] if v.get("expert_seed") is None else v["expert_seed"],
@@ -358,7 +364,7 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
         "checkpoint_every": v["checkpoint_every"],
         "log_every": v["log_every"],
     }
-    for key, value in v.items():  # the method's own arguments
+    for key, value in v.items():  # the method's own arguments and the plugins' options
         if key not in _NOT_SETTINGS and _CONFIG_KEY.get(key, key) not in config:
             config[key] = value
     config["sources"] = {_CONFIG_KEY.get(key, key): source for key, source in sources.items()
@@ -463,6 +469,7 @@ def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, co
                         path) -> None:
     """Flags given with ``--resume`` must agree with the recorded config (which wins)."""
     from .common import UsageError
+    from .plugin_flags import recorded as recorded_value
     from dm_plugins import check_plugin_names
 
     for dest in sorted(set(explicit) - {"resume", "no_progress"}):
@@ -477,7 +484,7 @@ def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, co
             given = [s.strip() for s in given.split(",") if s.strip()]
         elif dest == "plugins":
             given = check_plugin_names(given)
-        recorded = config.get(key, "<not recorded>")
+        recorded = recorded_value(config, key, "<not recorded>")
         if dest == "device" and given == "auto":
             continue
         if given != recorded:
@@ -495,6 +502,7 @@ def new_run_config(spec: MethodSpec, args: argparse.Namespace,
 
     from .common import UsageError, check_ipc, resolve_device
     from .datasets import canonical_dataset_name, load_dataset
+    from .plugin_flags import check_host_offers, check_plugin_flags
     from .runs import environment
     from .validation import check_config
 
@@ -505,6 +513,8 @@ def new_run_config(spec: MethodSpec, args: argparse.Namespace,
     dataset = load_dataset(canonical_dataset_name(args.dataset), args.data_path)
     config = resolve_config(spec, args, dataset, explicit)
     check_config(config, spec.checks, image_size=dataset.image_size, out=args.out)
+    check_plugin_flags(config)
+    check_host_offers(config, spec.offers, spec.prog or f"baselines/{spec.name}.py")
     check_ipc(dataset, config["ipc"], config["factor"], config["init"])
     config["device"] = str(resolve_device(config["device"]))  # resume keeps this device
     config["environment"] = environment()
@@ -533,6 +543,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     from .errors import USER_ERRORS
     from .expert_cache import experts_directory, load_or_train_experts
     from .networks import get_network
+    from .plugin_flags import check_plugin_flags, plugin_options
     from .runs import RunDir, RunError, peak_memory_mb
     from .guards import StopRequest, refuse_non_finite, warn_if_saturated
     from .validation import check_config
@@ -567,6 +578,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         dataset = distributed.main_first(world, lambda: load_dataset(
             canonical_dataset_name(config["dataset"]), config["data_path"]), USER_ERRORS)
         check_config(config, spec.checks, image_size=dataset.image_size)
+        check_plugin_flags(config)
         _check_processes(world, dataset, config["arch"])
     else:
         if sharded:
@@ -613,9 +625,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
             if expert_seed != config["seed"]:  # a shared pool; the per-iteration pick stays
                 experts = ExpertPool(experts.experts, experts.network_factory,  # the run's own
                                      seed=config["seed"], meta=experts.meta)
-        plugins = PluginSet.from_names(config["plugins"], experts=experts,
-                                       alpha=config["alpha"], lam=config["lam"],
-                                       tau=config["tau"], compile=config["compile"])
+        plugins = PluginSet.from_names(config["plugins"], options=plugin_options(config),
+                                       experts=experts, compile=config["compile"])
         syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
                                      config["seed"])
         extra = {"experts": experts} if spec.needs_experts else {}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -321,3 +321,15 @@ class DSA:
     def __call__(self, x: Tensor, groups: Optional[Tensor], generator: torch.Generator) -> Tensor:
         """Alias of :meth:`siamese`."""
         return self.siamese(x, groups, generator)
+
+
+def idc_per_image(strategy: str = "color_crop") -> Callable[[Tensor, torch.Generator], Tensor]:
+    """IDC's training augmentation (``DiffAug(strategy, batch=False)``, which DANCE trains its
+    experts and evaluates with): every op of ``strategy`` in :meth:`DSA.sequence` order, its
+    parameters drawn per image. DANCE's default strategy is ``color_crop`` (no cutout, no
+    flip). Fits ``augment(batch, generator)`` of :func:`dm_plugins.training.train_classifier`."""
+    augment = DSA(strategy)
+
+    def per_image(x: Tensor, generator: torch.Generator) -> Tensor:
+        return augment.sequence(x, torch.arange(x.shape[0]), generator)
+    return per_image

@@ -1,10 +1,16 @@
 """Evaluation protocol: train fresh networks on a synthetic set, test on the real test set.
 
-See docs/methods.md#evaluation-protocol. DM protocol (Zhao & Bilen, CVPR 2023,
-``evaluate_synset`` in the DM/DSA code): SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 1000 epochs, lr x0.1 at half,
-per-image DSA on every batch. DANCE/IDC-style protocol: the same plus CutMix with probability 0.5
-(IDC, Kim et al. ICML 2022: DSA first, then CutMix with lambda ~ Beta(1, 1), loss mixed by the
-pasted-area ratio).
+See docs/methods.md#evaluation-protocol. Three protocols (:data:`PROTOCOLS`):
+
+* ``dm`` (Zhao & Bilen, CVPR 2023, ``evaluate_synset`` in the DM/DSA code): SGD lr 0.01,
+  momentum 0.9, weight decay 5e-4, batch 256, 1000 epochs, lr x0.1 at half, per-image DSA
+  (DM's single-op mode) on every batch.
+* ``dance`` (DANCE's ``test.py`` / ``train.py``, i.e. IDC's protocol): the same SGD, batch 64,
+  lr x0.2 at 2/3 and at 5/6 of the epochs, IDC's per-image augmentation (colour then crop, no
+  cutout, no flip) and CutMix with probability 0.5 (lambda ~ Beta(1, 1), loss mixed by the
+  pasted-area ratio).
+* ``dsa-cutmix``: ``dm`` plus CutMix p 0.5; what this project called ``dance`` before
+  2026-12-04 (the results of earlier sessions that say "DANCE's protocol" used this one).
 
 Reported accuracy is always the final epoch's; no checkpoint is ever selected by test accuracy.
 Differences from the reference code, deliberate: the reference loops ``range(Epoch + 1)`` with
@@ -15,7 +21,7 @@ CutMix) is seeded, never from the clock.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from dm_plugins.training import accuracy, train_classifier
 
-from .dsa import DSA
+from .dsa import DSA, idc_per_image
 
 __all__ = ["EvalProtocol", "PROTOCOLS", "train_and_test", "evaluate_synset", "run_seeds",
            "summarize_accuracies", "resolve_protocol"]
@@ -34,8 +40,12 @@ __all__ = ["EvalProtocol", "PROTOCOLS", "train_and_test", "evaluate_synset", "ru
 class EvalProtocol:
     """Hyper-parameters of one evaluation protocol.
 
-    ``lr_drop_at``: the lr is multiplied by 0.1 from epoch ``int(lr_drop_at * epochs)`` on.
-    ``dsa``: per-image DSA on every training batch. ``cutmix_p``: per-batch CutMix probability.
+    ``lr_drop_at``: the lr is multiplied by ``lr_gamma`` from epoch ``int(lr_drop_at *
+    epochs)`` on, unless ``lr_milestones`` is given: fractions ``(num, den)``, the lr multiplied
+    by ``lr_gamma`` from epoch ``num * epochs // den`` on, for each (DANCE: (2, 3), (5, 6)).
+    ``dsa``: an augmentation on every training batch: ``augmentation`` ``"dsa"`` is DM's
+    per-image DSA, ``"idc"`` IDC's per-image colour then crop
+    (:func:`baselines.harness.dsa.idc_per_image`). ``cutmix_p``: per-batch CutMix probability.
     """
     name: str
     epochs: int
@@ -46,11 +56,23 @@ class EvalProtocol:
     lr_drop_at: float = 0.5
     dsa: bool = True
     cutmix_p: float = 0.0
+    lr_milestones: Optional[Tuple[Tuple[int, int], ...]] = None
+    lr_gamma: float = 0.1
+    augmentation: str = "dsa"
+
+    def milestone_epochs(self) -> List[int]:
+        """The epochs (0-based) from which the lr is multiplied by ``lr_gamma`` once more."""
+        if self.lr_milestones is not None:
+            return [num * self.epochs // den for num, den in self.lr_milestones]
+        drop = int(self.lr_drop_at * self.epochs)
+        return [drop] if drop > 0 else []
 
 
 PROTOCOLS: Dict[str, EvalProtocol] = {
     "dm": EvalProtocol("dm", 1000),
-    "dance": EvalProtocol("dance", 1000, cutmix_p=0.5),
+    "dance": EvalProtocol("dance", 1000, batch_size=64, cutmix_p=0.5,
+                          lr_milestones=((2, 3), (5, 6)), lr_gamma=0.2, augmentation="idc"),
+    "dsa-cutmix": EvalProtocol("dsa-cutmix", 1000, cutmix_p=0.5),
 }
 
 
@@ -80,27 +102,31 @@ def train_and_test(network_factory: Callable[[], nn.Module], images: Tensor, lab
         test_images, test_labels: the real test set (normalised images, long labels).
         protocol: an :class:`EvalProtocol` or a name in :data:`PROTOCOLS`.
         generator: CPU generator driving shuffling, DSA and CutMix.
-        augment: the DSA used when ``protocol.dsa`` (``augment.per_image`` on every batch);
-            ``None`` means the default ``DSA()`` (pass ``DSA(flip=False)`` for digit-like data).
-            Ignored when ``protocol.dsa`` is False.
+        augment: the DSA used when ``protocol.dsa`` with ``augmentation="dsa"``
+            (``augment.per_image`` on every batch); ``None`` means the default ``DSA()`` (pass
+            ``DSA(flip=False)`` for digit-like data). Ignored otherwise (IDC's colour-crop has
+            no flip).
         progress: show a tqdm bar over epochs.
         compile: train through ``torch.compile`` (see :func:`dm_plugins.training.train_classifier`).
 
-    Training: SGD(lr, momentum, weight_decay), lr x0.1 from epoch ``int(lr_drop_at*epochs)``,
-    reshuffled batches of ``batch_size``, DSA then (with prob ``cutmix_p``) CutMix per batch.
+    Training: SGD(lr, momentum, weight_decay), lr x``lr_gamma`` from each of
+    :meth:`EvalProtocol.milestone_epochs`, reshuffled batches of ``batch_size``, the
+    augmentation then (with prob ``cutmix_p``) CutMix per batch.
     Testing: eval mode, no grad, batches of 1000; accuracy of the last epoch's weights.
     """
     protocol = resolve_protocol(protocol, None)
-    if protocol.dsa and augment is None:
-        augment = DSA()
+    per_image = None
+    if protocol.dsa and protocol.augmentation == "idc":
+        per_image = idc_per_image("color_crop")
+    elif protocol.dsa:
+        per_image = (augment if augment is not None else DSA()).per_image
     net = network_factory()
-    drop_epoch = int(protocol.lr_drop_at * protocol.epochs)
     targets = labels.detach().float() if labels.is_floating_point() else labels.detach().long()
     train_classifier(
         net, images.detach().float(), targets, epochs=protocol.epochs, lr=protocol.lr,
         momentum=protocol.momentum, weight_decay=protocol.weight_decay,
-        batch_size=protocol.batch_size, lr_milestones=[drop_epoch] if drop_epoch > 0 else [],
-        augment=augment.per_image if protocol.dsa else None, cutmix_p=protocol.cutmix_p,
+        batch_size=protocol.batch_size, lr_milestones=protocol.milestone_epochs(),
+        lr_gamma=protocol.lr_gamma, augment=per_image, cutmix_p=protocol.cutmix_p,
         generator=generator, device=device, progress=progress, desc=desc or protocol.name,
         channels_last=channels_last, compile=compile)
     return accuracy(net, test_images.float(), test_labels, device)

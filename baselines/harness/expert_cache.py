@@ -15,7 +15,7 @@ from dm_plugins import ExpertPool
 from dm_plugins.experts import MANIFEST
 
 from .datasets import Dataset
-from .dsa import DSA
+from .dsa import DSA, idc_per_image
 from .networks import get_network
 
 DEFAULT_CACHE_ROOT = "experts"
@@ -43,12 +43,8 @@ def recipe_arguments(name: str, epochs: int, dataset: Dataset) -> dict:
         augment = DSA(flip=not dataset.is_digit_like)
         return {"batch_size": 256, "augment": augment.per_image, "augment_name": "dsa"}
     if name == "dance":
-        augment = DSA("color_crop")
-
-        def per_image(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            return augment.sequence(x, torch.arange(x.shape[0]), generator)
         return {"batch_size": 64, "lr_milestones": (2 * epochs // 3, 5 * epochs // 6),
-                "lr_gamma": 0.2, "cutmix_p": 0.5, "augment": per_image,
+                "lr_gamma": 0.2, "cutmix_p": 0.5, "augment": idc_per_image("color_crop"),
                 "augment_name": "idc-color-crop"}
     raise ValueError(f"unknown expert recipe {name!r}; choose from {', '.join(RECIPES)}")
 

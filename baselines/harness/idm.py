@@ -328,9 +328,9 @@ class IDM:
         return real_features
 
     def extra_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
-                     t: int) -> dict[str, torch.Tensor]:
-        """Named losses added to one class's loss (images decoded and augmented as matched).
-        IDM: none."""
+                     t: int, extractor: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Named losses added to one class's loss (images decoded and augmented as matched;
+        ``extractor``: the pass's matching network). IDM: none."""
         return {}
 
     def start(self) -> None:
@@ -408,7 +408,7 @@ class IDM:
         ce = ce_raw * p.ce_scale
         total = match + ce
         parts = {"match": match, "ce": ce, "ce_raw": ce_raw}
-        extra = self.extra_losses(syn_aug, labels, p.t)
+        extra = self.extra_losses(syn_aug, labels, p.t, p.extractor)
         if extra:
             total = total + sum(extra.values())
             parts.update(extra)
