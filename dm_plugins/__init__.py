@@ -7,6 +7,7 @@ from .errors import ExpertError, PluginError
 from .experts import Expert, ExpertPool
 from .hookspecs import hookimpl, hookspec
 from .loop import DMHost
+from .options import PluginOption
 from .manager import (PluginSet, available_plugins, check_plugin_names, parse_plugin_names,
                       plugins_need_experts)
 from .pseudo_label import PseudoLabelMatching
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CapacityMatching", "PseudoTrajectoryMatching", "PseudoLabelMatching", "PluginSet",
     "DistillContext", "DMHost", "ExpertPool", "Expert", "ClassIndexedData", "ClassIndexedTensors",
-    "PluginError", "ExpertError", "hookimpl", "hookspec", "available_plugins",
+    "PluginError", "ExpertError", "PluginOption", "hookimpl", "hookspec", "available_plugins",
     "parse_plugin_names", "check_plugin_names", "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
 ]

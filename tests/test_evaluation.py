@@ -61,7 +61,14 @@ def test_protocols():
     assert PROTOCOLS["dm"].batch_size == 256 and PROTOCOLS["dm"].cutmix_p == 0.0
     assert PROTOCOLS["dance"].cutmix_p == 0.5 and PROTOCOLS["dance"].dsa
     assert PROTOCOLS["dm"].dsa and PROTOCOLS["dm"].lr_drop_at == 0.5
-    assert PROTOCOLS["dance"].lr_drop_at == 0.5 and PROTOCOLS["dance"].epochs == 1000
+    # DANCE's test code: batch 64, x0.2 at 2/3 and 5/6, IDC's colour-crop, CutMix 0.5
+    dance = PROTOCOLS["dance"]
+    assert (dance.batch_size, dance.lr_gamma, dance.augmentation, dance.epochs) == \
+        (64, 0.2, "idc", 1000)
+    assert dance.milestone_epochs() == [666, 833] and PROTOCOLS["dm"].milestone_epochs() == [500]
+    old = PROTOCOLS["dsa-cutmix"]  # what "dance" meant before 2026-12-04
+    assert (old.batch_size, old.cutmix_p, old.lr_drop_at, old.augmentation) == \
+        (256, 0.5, 0.5, "dsa")
 
 
 def test_learns_above_chance_and_keys():
@@ -226,7 +233,7 @@ def test_batch_size_reaches_loop(recording_sgd):
     assert len(recording_sgd) == 4
 
 
-@pytest.mark.parametrize("name", ["dm", "dance"])
+@pytest.mark.parametrize("name", ["dm", "dsa-cutmix"])
 def test_protocol_switches_cutmix_and_dsa(monkeypatch, name):
     counts = {"cutmix": 0, "dsa": 0}
     real_cutmix, real_per_image = training.cutmix, DSA.per_image

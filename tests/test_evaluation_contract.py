@@ -123,9 +123,35 @@ def test_lr_drop_after_the_first_of_two_epochs(monkeypatch):
     assert [lr for lr, _, _ in RecordingSGD.log] == [0.01, 0.001]
 
 
+def test_dance_protocol_steps_and_augmentation_reach_the_loop(monkeypatch):
+    """DANCE's train.py: MultiStepLR at 2E//3 and 5E//6, gamma 0.2; batch 64; IDC's per-image
+    colour then crop (DSA.sequence with one group per image), never DM's single-op DSA."""
+    from baselines.harness.dsa import DSA
+    RecordingSGD.log = []
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    calls = {"sequence": [], "per_image": 0}
+    real_sequence = DSA.sequence
+
+    def sequence(self, x, groups, generator, num_groups=None):
+        calls["sequence"].append((tuple(self.ops), groups.tolist(), x.shape[0]))
+        return real_sequence(self, x, groups, generator, num_groups)
+
+    monkeypatch.setattr(DSA, "sequence", sequence)
+    monkeypatch.setattr(DSA, "per_image", lambda *a: calls.__setitem__("per_image", 1))
+    x, y = toy_set(40, 0)      # 120 images: batches of 64 and 56 each epoch
+    evaluate_synset(x, y, x, y, tiny_factory, runs=1, protocol="dance", epochs=6,
+                    progress=False)
+    lrs = [lr for lr, _, _ in RecordingSGD.log]
+    assert lrs == [0.01] * 8 + [0.002] * 2 + [0.0004] * 2   # 2 steps an epoch; x0.2 at 4, 5
+    assert calls["per_image"] == 0 and len(calls["sequence"]) == 12
+    assert {c[0] for c in calls["sequence"]} == {("color", "crop")}
+    assert [c[2] for c in calls["sequence"][:2]] == [64, 56]
+    assert all(c[1] == list(range(c[2])) for c in calls["sequence"])
+
+
 def test_unknown_protocol_message():
     x, y = toy_set(1, 0)
-    with pytest.raises(ValueError, match=r"^unknown protocol 'idc'; known: \['dance', 'dm'\]$"):
+    with pytest.raises(ValueError, match=r"^unknown protocol 'idc'; known: \['dance', 'dm', 'dsa-cutmix'\]$"):
         train_and_test(tiny_factory, x, y, x, y, "idc", torch.Generator())
 
 
