@@ -103,6 +103,13 @@ def _check_network_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--experts {args.experts} is a file; give a directory")
     if args.expert_index < 0:
         raise UsageError(f"--expert-index must be >= 0, got {args.expert_index}")
+    if args.experts is not None and Path(args.experts).is_dir():
+        from baselines.harness.expert_cache import cached_expert_count
+        held = cached_expert_count(args.experts)
+        if held and args.expert_index >= held:
+            raise UsageError(f"--expert-index {args.expert_index} is outside the pool in "
+                             f"{args.experts}, which holds {held} expert(s); use 0 to "
+                             f"{held - 1}")
     if args.expert_epochs is not None and args.expert_epochs < 1:
         raise UsageError(f"--expert-epochs must be >= 1, got {args.expert_epochs}")
     if args.arch not in available_networks():

@@ -14,6 +14,7 @@ Errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def main(argv=None) -> int:
     try:
         synset = load_synset(args.synset)
         meta = synset.meta
+        if synset.images.shape[0] == 0:
+            raise CLIError(f"{args.synset} holds no images; there is nothing to evaluate")
+        out_path = Path(args.synset).resolve().parent / "evaluation.json"
+        if out_path.exists() and not out_path.is_file():
+            raise CLIError(f"{out_path} (where the results go) is a directory; move it away")
+        if not os.access(out_path.parent, os.W_OK | os.X_OK):
+            raise CLIError(f"{out_path.parent} is not writable (read-only file system or no "
+                           f"permission); copy the set somewhere writable")
         ds = load_dataset(meta["dataset"], args.data_path)
         _, c, h, w = synset.images.shape
         if c != ds.channels or h != ds.image_size or w != ds.image_size:
@@ -150,7 +159,6 @@ def main(argv=None) -> int:
     for arch, r in results.items():
         print(f"{arch:<{width}} | {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:5.2f} | {r['runs']}")
 
-    out_path = Path(args.synset).resolve().parent / "evaluation.json"
     merged = {**_read_existing(out_path), **results}
     atomic_write_json(out_path, {
         "synset": str(Path(args.synset).resolve()),

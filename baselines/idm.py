@@ -149,7 +149,8 @@ SPEC = MethodSpec(
     embedded_budget=EMBEDDED, shards_classes=True, offers=OFFERS, needs_every_class=True,
     checks={"ce_weight": "nonnegative", "net_num": "positive", "net_generate_interval": "positive",
             "train_net_num": "positive", "fetch_net_num": "nonnegative",
-            "model_train_steps": "nonnegative", "trained_bs": "positive",
+            # 0 steps would leave every queue net untrained: IDM without its queue training
+            "model_train_steps": "positive", "trained_bs": "positive",
             "lr_net": "positive_float", "meter_interval": "positive"})
 
 

@@ -5,14 +5,38 @@ for synthetic sets, checkpoints, expert caches, results and manifests.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "DiskFull"]
+
+
+class DiskFull(OSError):
+    """An atomic write ran out of space (ENOSPC or a quota). ``filename`` is the file it was
+    writing, ``written`` how many bytes of it had been written when known; the previous version
+    of the file, if any, is intact."""
+
+    def __init__(self, path: str, written: int | None = None):
+        super().__init__(errno.ENOSPC, "No space left on device", path)
+        self.written = written
+
+
+def _out_of_space(exc: BaseException, directory: str) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a failed write of its zip container as a RuntimeError
+    if isinstance(exc, RuntimeError) and "writ" in str(exc).lower():
+        try:
+            return shutil.disk_usage(directory).free < 1 << 20
+        except OSError:
+            return False
+    return False
 
 
 def _read_umask() -> int:
@@ -39,11 +63,17 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        try:
+            written = os.path.getsize(tmp)
+        except OSError:
+            written = None
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if not isinstance(exc, DiskFull) and _out_of_space(exc, directory):
+            raise DiskFull(path, written) from exc
         raise
     try:  # make the rename itself durable; not possible on every platform/filesystem
         dir_fd = os.open(directory, os.O_RDONLY)

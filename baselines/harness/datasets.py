@@ -255,11 +255,14 @@ def _load_torchvision(name: str, data_path: str, download: bool) -> Dataset:
     cls_name, mean, std, folder = _TORCHVISION[name]
     cls = getattr(tvd, cls_name)
     where = os.path.join(os.path.abspath(data_path), folder)
+    from .paths import missing_ancestors, remove_if_empty
+    created = missing_ancestors(os.path.join(where, "raw"))  # what a download attempt makes
     splits = []
     for train in (True, False):
         try:
             ds = cls(root=data_path, train=train, download=download)
         except Exception as err:
+            remove_if_empty(created)  # a failed download leaves no empty folders behind
             if os.path.isdir(where) and os.listdir(where):
                 raise DatasetError(
                     f"{name}: the files in {where} are incomplete or corrupted "

@@ -424,6 +424,14 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
         return 2
     except distributed.PeerFailed:  # the failing rank printed its error
         return 2
+    except OSError as exc:
+        from .paths import is_disk_full
+        if not is_disk_full(exc):
+            raise
+        message = disk_full_message(exc, stop, spec.prog or f"baselines/{spec.name}.py",
+                                    launcher(world))
+        print(f"error: {message}", file=sys.stderr)
+        return DISK_FULL
     except KeyboardInterrupt:
         if world.is_main:
             message = stop.message(spec.prog or f"baselines/{spec.name}.py", launcher(world))
@@ -435,6 +443,32 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
         if stop.run_dir is not None:
             stop.run_dir.release()
         distributed.destroy_process_group()
+
+
+DISK_FULL = 3
+"""Exit code of a run stopped by a full disk (docs/reliability.md lists every exit code)."""
+
+
+def disk_full_message(exc: OSError, stop, prog: str, launcher_: str) -> str:
+    """One line: the file that could not be written, the space left, what was kept and the
+    command that continues (nothing older is damaged: every write is atomic)."""
+    from .paths import free_bytes, mib
+    name = exc.filename or "a file"
+    where = os.path.dirname(os.path.abspath(name)) if exc.filename else "."
+    written = getattr(exc, "written", None)
+    part = f" after {mib(written)} of it" if written else ""
+    free = f"{mib(free_bytes(where))} free there"
+    if stop.run_dir is None:
+        return f"no space left on device writing {name}{part} ({free}); free some space"
+    if stop.checkpoint is not None:
+        kept = (f"the checkpoint after {stop.checkpoint} iterations "
+                f"({stop.run_dir.checkpoint_path}) is kept")
+    elif stop.run_dir.checkpoint_path.is_file():
+        kept = f"its checkpoint {stop.run_dir.checkpoint_path} is kept"
+    else:
+        kept = "no checkpoint was written yet"
+    return (f"no space left on device writing {name}{part} ({free}); {kept}; free some space "
+            f"and continue with: {launcher_} {prog} --resume {stop.run_dir.path}")
 
 
 def _world(spec: MethodSpec):
@@ -516,9 +550,72 @@ def new_run_config(spec: MethodSpec, args: argparse.Namespace,
     check_plugin_flags(config)
     check_host_offers(config, spec.offers, spec.prog or f"baselines/{spec.name}.py")
     check_ipc(dataset, config["ipc"], config["factor"], config["init"])
+    check_places(spec, config, dataset, args.out)
     config["device"] = str(resolve_device(config["device"]))  # resume keeps this device
     config["environment"] = environment()
     return dataset, config
+
+
+def check_places(spec: MethodSpec, config: dict, dataset: "Dataset", out: str | None) -> None:
+    """The places a new run writes, checked before any work: ``--out`` (new, empty or a run;
+    a folder the run can be created in), the expert directory when experts are still to be
+    trained there, and enough free space for what the run will write."""
+    from dm_plugins import plugins_need_experts
+
+    from .expert_cache import cached_expert_count, experts_directory
+    from .paths import check_free_space, check_new_run_dir, check_writable_dir
+    target = out or os.path.dirname(default_out(config))
+    (check_new_run_dir if out else check_writable_dir)("--out", target)
+    missing = 0
+    if spec.needs_experts or plugins_need_experts(config["plugins"]):
+        directory = experts_directory(config)
+        missing = max(0, config["num_experts"] - cached_expert_count(directory))
+        if missing:
+            check_writable_dir("--experts", directory)
+    need_run, need_experts = space_needed(config, dataset, missing)
+    check_free_space("--out", target, need_run)
+    if missing:
+        check_free_space("--experts", experts_directory(config), need_experts)
+
+
+def space_needed(config: dict, dataset: "Dataset", missing_experts: int) -> tuple[int, int]:
+    """Bytes a run will write (estimated generously): ``(run directory, expert directory)``.
+    The run directory holds two checkpoints at a time during a write (stored images plus up to
+    two optimiser buffers each), the synthetic set and 2 MiB of logs and figures; each missing
+    expert is two state dicts (initial and trained weights)."""
+    from .networks import get_network
+    pixels = (dataset.num_classes * config["ipc"] * dataset.channels * dataset.image_size ** 2)
+    stored = 4 * pixels
+    run_dir = 2 * 3 * stored + stored + (2 << 20)
+    experts = 0
+    if missing_experts:
+        net = get_network(config["arch"], dataset.channels, dataset.num_classes,
+                          dataset.image_size)
+        experts = missing_experts * 2 * 4 * sum(p.numel() for p in net.parameters()) + (1 << 20)
+    return run_dir, experts
+
+
+OPTIONAL_ON_RESUME = frozenset({"preset", "experts", "expert_seed", "expert_recipe",
+                                "eval_compile", "world_size", "environment", "sources"})
+"""Keys a run's config.json may lack and still resume (read with a default: runs written before
+they existed); every other setting of the method must be there."""
+
+
+def required_keys(spec: MethodSpec) -> set[str]:
+    """The config keys a run of ``spec`` must record to be resumed: every setting of its command
+    line (the plugins' options fall back to their defaults) and ``method``."""
+    from .plugin_flags import plugin_option_table
+    options = {option.key(plugin) for plugin, option in plugin_option_table()}
+    keys = {_CONFIG_KEY.get(a.dest, a.dest) for a in build_parser(spec)._actions
+            if a.dest not in (*_NOT_SETTINGS, "help")}
+    return (keys | {"method"}) - options - OPTIONAL_ON_RESUME
+
+
+def config_differences(recorded: dict, now: dict) -> list[str]:
+    """The keys whose values differ between two configs (``sources`` and ``environment`` are
+    bookkeeping, not settings)."""
+    keys = (set(recorded) | set(now)) - {"sources", "environment"}
+    return sorted(k for k in keys if recorded.get(k, "<absent>") != now.get(k, "<absent>"))
 
 
 def run(spec: MethodSpec, args: argparse.Namespace,
@@ -560,8 +657,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
             raise RunError(f"{run_dir.path} holds a {config['method']!r} run, not a "
                            f"{spec.name!r} one; resume it with baselines/{config['method']}.py")
         _check_resume_flags(spec, args, explicit, config, run_dir.path)
-        missing = [key for key in ("dataset", "data_path", "ipc", "iterations", "plugins")
-                   if key not in config]
+        missing = sorted(required_keys(spec) - set(config))
         if missing:
             raise RunError(f"{run_dir.config_path} lacks {', '.join(missing)}; it was not "
                            f"written by this program or was edited; start a new run")
@@ -599,7 +695,9 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     if not sharded:
         device = resolve_device(config["device"])
     channels_last = use_channels_last(config["channels_last"], device)
-    log = _logger(run_dir) if main_rank else (lambda message: None)
+    # a resume writes nothing into the run's log until its setup has succeeded (a refused
+    # resume leaves the run as it was)
+    log = _logger(run_dir, hold=not created) if main_rank else _silent
     log(f"run directory {run_dir.path}; dataset {dataset.name} "
         f"({dataset.num_classes} classes, {len(dataset.train)} train images); method "
         f"{config['method']}, preset {config.get('preset', config['method'])}; plugins "
@@ -646,6 +744,12 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         return experts, host, run_dir.load_checkpoints()
 
     def restore(checkpoint) -> None:
+        changed = config_differences(checkpoint["config"], config) if "config" in checkpoint \
+            else []
+        if changed:
+            raise RunError(f"{run_dir.config_path} changed since the run started "
+                           f"({', '.join(changed)} differ from what its checkpoint recorded); "
+                           f"restore those settings or start a new run")
         try:
             host.load_state_dict(checkpoint["host"])
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -663,6 +767,7 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         if created:
             run_dir.remove_unstarted()
         raise
+    log.release()
     if main_rank and not created:  # records past the checkpoint (all, if none) are redone
         run_dir.truncate_metrics(host.iteration)
     if checkpoint is not None:
@@ -688,7 +793,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                 run_dir.append_metrics(metrics)
         if (done % config["checkpoint_every"] == 0 or done == config["iterations"]
                 or stopping):
-            run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done})
+            run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done,
+                                     "config": config})
             stop.checkpoint = done
         if stopping:
             raise KeyboardInterrupt
@@ -792,8 +898,36 @@ def write_curves(run_dir, log: Callable[[str], None]) -> None:
     log(f"wrote {run_dir.curves_path}")
 
 
-def _logger(run_dir):
-    def log(message: str) -> None:
+class _Log:
+    """Prints each message and appends it to ``run.log``; with ``hold``, the appends wait until
+    :meth:`release` (messages of a resume that is then refused never reach the run's log)."""
+
+    def __init__(self, run_dir, hold: bool = False):
+        self.run_dir, self.held = run_dir, [] if hold else None
+
+    def __call__(self, message: str) -> None:
         print(message, flush=True)
-        run_dir.log(message)
-    return log
+        if self.held is not None:
+            self.held.append(message)
+        else:
+            self.run_dir.log(message)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for message in held or ():
+            self.run_dir.log(message)
+
+
+class _Silent:
+    def __call__(self, message: str) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+_silent = _Silent()
+
+
+def _logger(run_dir, hold: bool = False) -> _Log:
+    return _Log(run_dir, hold)
