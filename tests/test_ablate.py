@@ -1,6 +1,7 @@
 """baselines/ablate.py: cells, resume, refusals, and one tiny real ablation on digits."""
 import csv
 import json
+import shutil
 import os
 import re
 import signal
@@ -56,6 +57,7 @@ def _fake_runner(calls):
             argv[argv.index("--out") + 1]
         seed = int(re.search(r"-s(\d+)$", run_dir).group(1))
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.json").write_text("{}")      # a run directory, as a run makes
         accuracies = [50.0 + seed, 52.0 + seed]
         (Path(run_dir) / "results.json").write_text(json.dumps({
             "accuracy_mean": sum(accuracies) / 2, "accuracy_std": 1.0, "accuracies": accuracies,
@@ -85,7 +87,7 @@ def test_resume_reads_finished_cells_back_and_resumes_started_ones(tmp_path, mon
     # a cell with a run directory but no results continues with --resume; a missing one starts
     (out / "cells" / "cap-s1" / "results.json").unlink()
     (out / "cells" / "cap-s1" / "config.json").write_text("{}")
-    (out / "cells" / "plm-s0" / "results.json").unlink()
+    shutil.rmtree(out / "cells" / "plm-s0")
     assert ablate.main(argv + ["--jobs", "2"]) == 0           # --jobs is not a setting
     assert sorted(calls) == sorted([
         ["--resume", str(out / "cells" / "cap-s1"), "--no-progress"],
