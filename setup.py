@@ -7,8 +7,10 @@ setup(
                 "as pluggy plugins for distribution-matching dataset distillation",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["dm_plugins", "dm_plugins.*", "adapters", "adapters.*",
-                                    "baselines", "baselines.*"]),
+    # only the library is installed: `baselines/` and `adapters/` are the repository's research
+    # harness and worked examples, run from a clone (`python baselines/dm.py`), and their
+    # generic names would collide with other distributions in site-packages
+    packages=find_packages(include=["dm_plugins", "dm_plugins.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1,<3",

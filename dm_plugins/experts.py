@@ -73,6 +73,15 @@ def build_network(network_factory: Callable[[], nn.Module]) -> nn.Module:
     return unwrap_network(network)
 
 
+def factory_device(network_factory: Callable[[], nn.Module]) -> torch.device:
+    """Where ``network_factory`` builds its networks (the device of its first parameter; the
+    CPU for a network without parameters): experts train there unless told otherwise."""
+    with preserved_global_rng():
+        network = network_factory()
+    first = next(iter(network.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in state.items()}
 
@@ -231,7 +240,7 @@ class ExpertPool:
                       augment: Callable | None = None, augment_name: str | None = None,
                       test_images: torch.Tensor | None = None,
                       test_labels: torch.Tensor | None = None,
-                      device: str | torch.device = "cpu", progress: bool = True,
+                      device: str | torch.device | None = None, progress: bool = True,
                       meta: dict | None = None, channels_last: bool = False,
                       log: Callable[[str], None] | None = None, rank: int = 0,
                       world_size: int = 1) -> "ExpertPool":
@@ -247,7 +256,10 @@ class ExpertPool:
         Training (PTLM's recipe by default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
         70 epochs, batch 256) uses **no augmentation unless** ``augment(x, generator) -> x`` is
         given; name it with ``augment_name`` (recorded in the manifest and compared on load).
-        The command-line baselines pass per-image DSA (``augment_name="dsa"``).
+        The command-line baselines pass DANCE's recipe by default (IDC's per-image colour and
+        crop, CutMix, ``augment_name="idc-color-crop"``; ``--expert-recipe ptlm`` is per-image
+        DSA). It runs on ``device``, by default where ``network_factory`` builds its networks
+        (:func:`factory_device`: a factory of CUDA networks trains on the GPU).
         ``lr_milestones`` (epochs where the lr is multiplied by ``lr_gamma``) and ``cutmix_p``
         (CutMix probability per batch) give schedules such as DANCE's; all of it is recorded.
 
@@ -270,6 +282,7 @@ class ExpertPool:
         """
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
+        device = factory_device(network_factory) if device is None else device
         if world_size > 1:
             return cls._load_or_train_spread(
                 directory, network_factory, images, labels, rank=rank, world_size=world_size,
@@ -360,12 +373,13 @@ class ExpertPool:
               batch_size: int = 256, lr_milestones: Sequence[int] = (), lr_gamma: float = 0.1,
               cutmix_p: float = 0.0, augment: Callable | None = None,
               test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
-              device: str | torch.device = "cpu", progress: bool = True,
+              device: str | torch.device | None = None, progress: bool = True,
               meta: dict | None = None, channels_last: bool = False) -> "ExpertPool":
         """Train ``num_experts`` experts in memory (nothing saved; see :meth:`load_or_train`
         for the cached, resumable version). Same recipe, seeds and augmentation rule."""
         if num_experts < 1:
             raise ExpertError(f"num_experts must be >= 1, got {num_experts}")
+        device = factory_device(network_factory) if device is None else device
         experts = [train_expert(network_factory, images, labels, index=k, epochs=epochs,
                                 seed=seed, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 batch_size=batch_size, lr_milestones=lr_milestones,

@@ -16,7 +16,8 @@ One iteration ``t`` of a loop, in order::
     (loop steps the synthetic images on matching + auxiliary losses)
 
 ``dm_setup`` runs once before the first iteration and ``dm_teardown`` once after the last.
-Iterations are numbered ``t = 0 .. T-1`` with ``T = num_iterations``; the method notes in
+Iterations are numbered ``t = 0 .. T-1`` with ``T = num_iterations`` (a loop that runs past T
+gets a warning once and its hooks see ``t = T`` from then on); the method notes in
 ``docs/methods.md`` give the equations cited below.
 """
 from __future__ import annotations

@@ -23,6 +23,11 @@ from .options import RESOURCES, check_options, declared_options
 ENTRY_POINT_GROUP = "dm_plugins"
 
 
+class PastTheEnd(UserWarning):
+    """A loop called the plugins at an iteration >= num_iterations (see
+    :meth:`PluginSet.extractor`): warned once per run; the schedules are held at their end."""
+
+
 def builtin_plugins() -> dict[str, Callable[..., Any]]:
     """The three PTLM plugins by name; each class states its own name (``cls.name``)."""
     from .capacity import CapacityMatching
@@ -160,10 +165,14 @@ class PluginSet:
         plugins.teardown()
 
     Every method validates its arguments and raises :class:`PluginError` with a one-line
-    message: iterations must lie in ``0 .. num_iterations - 1``.
+    message. Iterations are numbered ``0 .. num_iterations - 1``; a negative or non-integer one
+    is an error, one at or past ``num_iterations`` a :class:`PastTheEnd` warning (once), after
+    which the hooks see ``t = T`` (every schedule at its end) instead of an error that would
+    lose a long run's result.
     """
 
     def __init__(self, plugins: list[Any] | tuple[Any, ...] = ()):
+        self._warned_past_end = False
         self.pm = make_plugin_manager()
         self.context: DistillContext | None = None
         self.names: list[str] = []
@@ -286,11 +295,25 @@ class PluginSet:
         return self.context.num_iterations
 
     def _check_iteration(self, iteration: int) -> int:
+        """``iteration`` as the hooks get it. Not an integer >= 0: a :class:`PluginError`
+        (a mistake a loop shows on its first call). At or past ``num_iterations``: a warning,
+        once per run, and the hooks get ``T`` (the schedule held at its end, progress 1), so a
+        loop that runs one iteration more than it said (the original DM code runs
+        ``Iteration + 1``) never loses its result to bookkeeping at the very end."""
         T = self.num_iterations
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 <= iteration < T:
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
             raise PluginError(
                 f"iteration {iteration!r} is outside 0..{T - 1} (num_iterations={T}); number "
                 f"iterations from 0 and set num_iterations to how many your loop runs")
+        if iteration >= T:
+            if not self._warned_past_end:
+                import warnings
+                warnings.warn(f"iteration {iteration} is past num_iterations={T}; the plugins' "
+                              f"schedules stay at their end (t = T) from here on. Set "
+                              f"num_iterations to how many iterations your loop runs",
+                              PastTheEnd, stacklevel=3)
+                self._warned_past_end = True
+            return T
         return iteration
 
     def setup(self, context: DistillContext | None = None, **fields) -> DistillContext:
@@ -298,6 +321,7 @@ class PluginSet:
         if context is not None and fields:
             raise PluginError("pass PluginSet.setup either a DistillContext or its fields, not both")
         self.context = context if context is not None else DistillContext(**fields)
+        self._warned_past_end = False
         self.separate_step_lr  # two plugins asking for different step rates: refused here
         self.pm.hook.dm_setup(context=self.context)
         return self.context

@@ -6,6 +6,8 @@ from torch import nn
 
 from .errors import ExpertError, PluginError
 from .hookspecs import hookimpl
+from .seeding import preserved_global_rng
+from .wrapping import wrap_like
 from .options import PluginOption, at_least
 
 
@@ -31,7 +33,10 @@ class PseudoTrajectoryMatching:
 
     It *provides* the extractor (hook ``dm_provide_extractor``): a network of the experts'
     architecture that this plugin owns, built once at setup on the loop's device and memory
-    format. Each iteration it writes ``r * theta_star + (1 - r) * theta_init`` of expert
+    format, and wrapped as the loop's network is (``context.extractor``, else what the pool's
+    factory returns: ``nn.DataParallel``, ``torch.compile``; a DistributedDataParallel network
+    gets a plain holder with ``.module``, since DDP cannot wrap a frozen network). Each
+    iteration it writes ``r * theta_star + (1 - r) * theta_init`` of expert
     ``experts.pick(t)`` (the expert PLM uses) into that network's parameters, with
     ``r = (t / lambda) / T``, and returns it. It never touches a network of the loop or the
     method. The matching loss (Eq. 6) is the loop's ordinary DM loss. Only parameters are
@@ -61,6 +66,7 @@ class PseudoTrajectoryMatching:
         self.experts = experts
         self.lam = float(lam)
         self.network: nn.Module | None = None
+        self.provided: nn.Module | None = None   # self.network in the loop's wrappers
         self._params: list[torch.Tensor] = []
 
     @hookimpl
@@ -72,6 +78,13 @@ class PseudoTrajectoryMatching:
                 raise PluginError(f"ptm: {exc}") from None
         self.network = self.experts.network(context.device, context.memory_format)
         self._params = list(self.network.parameters())
+        # wrapped as the loop's own network is (DataParallel, torch.compile, DDP-like), so a
+        # loop that calls net.module.embed works unchanged; the wrappers share the parameters
+        template = context.extractor
+        if template is None:
+            with preserved_global_rng():  # building a template must not move the loop's RNG
+                template = self.experts.network_factory()
+        self.provided = wrap_like(template, self.network)
         for k in range(len(self.experts)):  # move every expert's weights once, up front
             self.experts.parameter_pair(k, context.device)
 
@@ -83,11 +96,11 @@ class PseudoTrajectoryMatching:
                                                               self._params[0].device)
         interpolate_parameters_(self._params, theta_init, theta_star,
                                 injection_ratio(iteration, num_iterations, self.lam))
-        return self.network
+        return self.provided
 
     @hookimpl
     def dm_teardown(self):
-        self.network, self._params = None, []
+        self.network, self.provided, self._params = None, None, []
 
     def __repr__(self) -> str:
         return f"PseudoTrajectoryMatching(lam={self.lam}, experts={len(self.experts)})"

@@ -296,7 +296,7 @@ def test_an_expert_file_holding_a_pickled_object_is_refused(tmp_path):
 
 # -- the recipe --------------------------------------------------------------------------------
 RECIPE_DEFAULTS = {"num_experts": 5, "epochs": 70, "seed": 0, "lr": 0.01, "momentum": 0.9,
-                   "weight_decay": 5e-4, "batch_size": 256, "augment": None, "device": "cpu",
+                   "weight_decay": 5e-4, "batch_size": 256, "augment": None, "device": None,
                    "progress": True, "channels_last": False}
 
 
@@ -308,6 +308,9 @@ def test_recipe_defaults_are_ptlm_s():
         for name, value in RECIPE_DEFAULTS.items():
             if fn is train_expert and name in ("num_experts", "epochs"):
                 continue                   # train_expert has no count and requires epochs
+            if fn is train_expert and name == "device":
+                assert params[name].default == "cpu"   # the pool resolves the factory's device
+                continue
             assert params[name].default == value, (fn.__name__, name)
     assert inspect.signature(train_expert).parameters["desc"].default == "expert"
     assert inspect.signature(ExpertPool.load).parameters["seed"].default == 0
@@ -493,7 +496,8 @@ def test_experts_with_identical_starts_are_refused_whichever_pair(toy):
         return torch.nn.Sequential(torch.nn.Flatten(), net)
 
     with pytest.raises(ExpertError, match=r"^experts 1 and 2 start from identical weights"):
-        ExpertPool.train(factory, toy.images, toy.labels, num_experts=3, **FAST)
+        # device given: no probe call of the factory (the call count decides the weights)
+        ExpertPool.train(factory, toy.images, toy.labels, num_experts=3, device="cpu", **FAST)
 
 
 # -- train_expert ---------------------------------------------------------------------------------
@@ -541,3 +545,24 @@ def test_device_placement_and_caches_on_cuda(toy, spy, tmp_path):
     loaded = ExpertPool.load(d, tiny).experts[0]
     assert {t.device.type for t in [*loaded.init_state.values(),
                                     *loaded.trained_state.values()]} == {"cpu"}
+
+
+def test_experts_train_where_the_factory_builds_its_networks(monkeypatch):
+    from dm_plugins import experts as experts_module
+    from dm_plugins.experts import factory_device
+    from tests.conftest import TinyNet
+    assert factory_device(lambda: TinyNet(num_classes=2)) == torch.device("cpu")
+    seen = []
+    real_train = experts_module.train_expert
+    monkeypatch.setattr(experts_module, "factory_device", lambda factory: torch.device("meta"))
+
+    def spy(*args, device, **kwargs):
+        seen.append(torch.device(device))
+        return real_train(*args, device="cpu", **kwargs)
+    monkeypatch.setattr(experts_module, "train_expert", spy)
+    images, labels = torch.randn(8, 1, 8, 8), torch.arange(2).repeat(4)
+    ExpertPool.train(lambda: TinyNet(num_classes=2), images, labels, num_experts=1, epochs=1,
+                     progress=False)
+    ExpertPool.train(lambda: TinyNet(num_classes=2), images, labels, num_experts=1, epochs=1,
+                     progress=False, device="cpu")
+    assert seen == [torch.device("meta"), torch.device("cpu")]

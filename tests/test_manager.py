@@ -186,7 +186,7 @@ def test_iterations_and_features_are_validated_in_the_librarys_terms():
     with pytest.raises(PluginError, match="setup"):
         plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), 0)
     plugins.setup(num_classes=1, ipc=1, num_iterations=5)
-    for bad in (5, -1, 2.0, True):
+    for bad in (-1, 2.0, True):
         with pytest.raises(PluginError, match=r"outside 0\.\.4") as info:
             plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), bad)
         assert "--" not in str(info.value)          # no command-line vocabulary
@@ -194,6 +194,32 @@ def test_iterations_and_features_are_validated_in_the_librarys_terms():
         plugins.keep_mask(0, torch.ones(2, 3), torch.ones(1, 2), 0)
     with pytest.raises(PluginError, match="empty"):
         plugins.select_real(0, torch.ones(0, 2), torch.ones(1, 2), 0)
+
+
+def test_an_iteration_past_the_end_warns_once_and_holds_the_schedule_at_its_end(pool):
+    """The original DM loop runs ``Iteration + 1`` iterations: the extra one must not raise
+    after the run's work is done."""
+    from dm_plugins.manager import PastTheEnd
+    recorded = []
+
+    class Recorder:
+        @hookimpl
+        def dm_select_real(self, iteration, num_iterations):
+            recorded.append((iteration, num_iterations))
+
+    plugins = PluginSet([Recorder(), PseudoTrajectoryMatching(pool)])
+    plugins.setup(num_classes=1, ipc=1, num_iterations=4)
+    with pytest.warns(PastTheEnd, match="past num_iterations=4"):
+        plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), 4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # once per run
+        plugins.keep_mask(0, torch.ones(2, 2), torch.ones(1, 2), 9)
+        net = plugins.extractor(7)
+    assert recorded == [(4, 4), (4, 4)]
+    theta_init, theta_star = pool.parameter_pair(pool.pick(4))   # r = 1: the trained weights
+    for p, star in zip(net.parameters(), theta_star):
+        torch.testing.assert_close(p, star)
 
 
 def test_keep_mask_is_always_a_mask_and_select_real_always_returns_features():

@@ -221,9 +221,9 @@ def test_batched_keep_mask_without_filters_is_all_true_and_checks_the_iteration(
     keep = plugins.batched_keep_mask(torch.ones(5, 2), labels, torch.ones(2, 2),
                                      torch.tensor([0, 1]), 0)
     assert keep.dtype == torch.bool and keep.tolist() == [True] * 5
-    with pytest.raises(PluginError, match=r"^iteration 3 is outside 0\.\.2"):
+    with pytest.raises(PluginError, match=r"^iteration -1 is outside 0\.\.2"):
         plugins.batched_keep_mask(torch.ones(5, 2), labels, torch.ones(2, 2),
-                                  torch.tensor([0, 1]), 3)
+                                  torch.tensor([0, 1]), -1)
 
 
 def test_auxiliary_losses_messages():

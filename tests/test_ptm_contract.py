@@ -108,3 +108,39 @@ def test_network_with_a_single_parameter_tensor():
     plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=5))
     net = plugins.extractor(2)                         # r = (2 / 2) / 5 = 0.2
     torch.testing.assert_close(net.weight, 0.2 * star["weight"] + 0.8 * init["weight"])
+
+
+def test_ptm_hands_back_its_network_wrapped_as_the_loops_is(pool, tiny_factory):
+    """A loop whose network is nn.DataParallel-wrapped (the original DM code with several GPUs
+    calls net.module.embed) gets ptm's network wrapped the same way, sharing its parameters."""
+    from torch import nn
+
+    from dm_plugins import DistillContext, PluginSet, PseudoTrajectoryMatching
+    ptm = PseudoTrajectoryMatching(pool)
+    plugins = PluginSet([ptm])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=4,
+                                 extractor=nn.DataParallel(tiny_factory())))
+    net = plugins.extractor(2)
+    assert isinstance(net, nn.DataParallel) and net.module is ptm.network
+    theta_init, theta_star = pool.parameter_pair(pool.pick(2))
+    for p, a, b in zip(net.module.parameters(), theta_init, theta_star):
+        torch.testing.assert_close(p, a + 0.5 * (b - a))         # r = 2 / 4
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(net.module.embed(x), ptm.network.embed(x))
+    plain = PluginSet([PseudoTrajectoryMatching(pool)])
+    plain.setup(DistillContext(num_classes=3, ipc=1, num_iterations=4, extractor=tiny_factory()))
+    assert not isinstance(plain.extractor(0), nn.DataParallel)
+
+
+def test_wrap_like_follows_every_wrapper_of_the_template(tiny_factory):
+    from torch import nn
+
+    from dm_plugins.wrapping import FrozenModule, unwrap_network, wrap_like
+    inner = tiny_factory()
+    assert wrap_like(None, inner) is inner and wrap_like(tiny_factory(), inner) is inner
+    wrapped = wrap_like(nn.DataParallel(nn.DataParallel(tiny_factory())), inner)
+    assert isinstance(wrapped, nn.DataParallel) and isinstance(wrapped.module, nn.DataParallel)
+    assert unwrap_network(wrapped) is inner
+    held = FrozenModule(inner)
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(held(x), inner(x))
