@@ -5,7 +5,7 @@ This file holds only what is DM's own: its defaults, the ``ptlm`` preset and how
 built (``adapters/dm.py``). The run driver (``baselines/harness/driver.py``) does the rest:
 the shared command line, run directory and resume, experts, plugins, checkpoints, metrics,
 saving and evaluation. ``torchrun --nproc-per-node K baselines/dm.py ...`` shards the classes
-over K processes (``dm_plugins/distributed.py``; README "More than one process, GPU or machine").
+over K processes (``dm_plugins/distributed.py``; docs/distributed.md).
 """
 from __future__ import annotations
 

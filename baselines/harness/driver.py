@@ -260,7 +260,7 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
            "plus CutMix p 0.5 (called dance before 2026-12-04)")
     a("--channels-last", choices=["auto", "on", "off"], default="auto",
       help="channels-last memory format for the networks; auto = on for CPU (measured faster, "
-           "see README benchmarks), off for CUDA")
+           "see docs/benchmarks.md), off for CUDA")
     a("--compile", action="store_true",
       help="torch.compile the distillation forwards: real images, synthetic images (with "
            "their backward) and plm's expert (a one-off compile time, then faster iterations)")

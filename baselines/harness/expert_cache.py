@@ -33,7 +33,7 @@ DEFAULT_RECIPE = "dance"
 """The recipe of every command-line host unless ``--expert-recipe`` says otherwise: on the
 CIFAR-10 subset (10k images, 2 experts) DANCE's recipe gave 67.5 % mean test accuracy in 12
 epochs against 62.9 % for PTLM's in 15 epochs, at no more CPU time
-(``benchmarks/expert_recipes.py``; README "Expert recipes")."""
+(``benchmarks/expert_recipes.py``; docs/results.md)."""
 _UNSUFFIXED = "ptlm"  # the first recipe; its cache directories predate recipe names
 
 
