@@ -42,8 +42,8 @@ DEFAULTS = {
 }
 """DANCE's settings (the authors' reproduction arguments for 32-px datasets): 10,000
 iterations, 128 real images per class, at most 200 decoded synthetic images per class and step,
-one inter-class pass, 5 experts of 60 epochs, evaluation 1,500 epochs with DANCE's protocol (batch 64, lr x0.2 at 2/3 and 5/6,
-IDC's colour and crop, CutMix)."""
+one inter-class pass, 5 experts of 60 epochs, evaluation 1,500 epochs with DANCE's protocol
+(batch 64, lr x0.2 at 2/3 and 5/6, IDC's colour and crop, CutMix)."""
 
 PTLM_CODE = {
     "plugins": "cap,ptm,plm",
