@@ -29,6 +29,7 @@ from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write_json
 from .errors import ExpertError
+from .heartbeat import Heartbeat
 from .seeding import derive_seed, make_generator, preserved_global_rng, reinitialize_
 from .training import accuracy, train_classifier
 from .wrapping import strip_wrapper_prefixes, unwrap_network
@@ -307,7 +308,14 @@ class ExpertPool:
                         test_labels=test_labels, device=device, progress=progress,
                         channels_last=channels_last)
         for k in range(len(experts), num_experts):
-            experts.append(train(index=k, desc=f"expert {k + 1}/{num_experts}"))
+            on_epoch = None
+            if log is not None and not progress:  # no bar: a line every tenth of the epochs
+                beat = Heartbeat(log, f"experts: expert {k + 1}/{num_experts}, epoch", epochs,
+                                 every=max(1, epochs // 10), unit="epoch")
+                on_epoch = (lambda e, loss, acc, beat=beat:
+                            beat(e, loss=round(loss, 4), train_accuracy=round(acc, 1)))
+            experts.append(train(index=k, desc=f"expert {k + 1}/{num_experts}",
+                                 on_epoch=on_epoch))
             pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
             pool._check_distinct_inits()
             directory.mkdir(parents=True, exist_ok=True)
@@ -421,7 +429,8 @@ def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
                  lr_gamma: float = 0.1, cutmix_p: float = 0.0, augment: Callable | None = None,
                  test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
-                 channels_last: bool = False, desc: str = "expert") -> Expert:
+                 channels_last: bool = False, desc: str = "expert",
+                 on_epoch: Callable[[int, float, float], None] | None = None) -> Expert:
     """Train expert ``index``: initial weights drawn by each module's ``reset_parameters()``
     under a seed derived from (seed, index), batches and augmentation from a generator derived
     from (seed, index). Depends on nothing else, so experts can be trained one at a time."""
@@ -434,7 +443,7 @@ def train_expert(network_factory: Callable[[], nn.Module], images: torch.Tensor,
         weight_decay=weight_decay, batch_size=batch_size, lr_milestones=lr_milestones,
         lr_gamma=lr_gamma, cutmix_p=cutmix_p, augment=augment,
         generator=make_generator(seed, _TRAIN_STREAM, index), device=device, progress=progress,
-        desc=desc, channels_last=channels_last)
+        desc=desc, channels_last=channels_last, on_epoch=on_epoch)
     meta = {"index": index, "epochs": epochs, "train_accuracy": train_acc}
     if test_images is not None and test_labels is not None:
         meta["test_accuracy"] = accuracy(net, test_images, test_labels, device)

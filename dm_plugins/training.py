@@ -52,7 +52,8 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
                      cutmix_p: float = 0.0, generator: torch.Generator,
                      device: str | torch.device = "cpu", progress: bool = True,
                      desc: str = "train", channels_last: bool = False,
-                     compile: bool = False) -> float:
+                     compile: bool = False,
+                     on_epoch: Callable[[int, float, float], None] | None = None) -> float:
     """Train ``network`` in place with SGD and return the final epoch's training accuracy (%).
 
     Args:
@@ -66,6 +67,8 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
         compile: run the network's forward (and so its backward) through ``torch.compile``:
             a one-off compile time (tens of seconds on CPU), then faster epochs; the same
             maths up to float rounding. ``network`` itself is trained either way.
+        on_epoch: called as ``on_epoch(epochs_done, mean_loss, train_accuracy)`` after each
+            epoch (progress lines where bars are off).
     """
     device = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -80,8 +83,8 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
     n = images.shape[0]
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress or tqdm is None)
     correct = 0
-    for _ in bar:
-        correct = 0
+    for epoch in bar:
+        correct, loss_sum = 0, 0.0
         perm = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
@@ -97,8 +100,12 @@ def train_classifier(network: nn.Module, images: torch.Tensor, targets: torch.Te
             opt.step()
             hard = y.argmax(1) if y.ndim == 2 else y
             correct += int((logits.argmax(1) == hard).sum())
+            if on_epoch is not None:
+                loss_sum += float(loss.detach()) * idx.numel()
         sched.step()
         bar.set_postfix(acc=f"{100.0 * correct / n:.1f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss_sum / n, 100.0 * correct / n)
     return 100.0 * correct / n
 
 

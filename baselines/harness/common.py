@@ -108,6 +108,17 @@ def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor:
     if factor > 1:
         images, labels = decode(images, labels, factor)
 
+    from dm_plugins.heartbeat import Heartbeat
+    total = len(archs) * runs if world_size == 1 else len(range(rank, len(archs) * runs,
+                                                                  world_size))
+    beat = Heartbeat(log, "evaluation run", total, unit="run") if not progress else None
+    finished = [0]
+
+    def on_run(arch: str, i: int, accuracy: float) -> None:
+        finished[0] += 1
+        if beat is not None:
+            beat(finished[0], arch=arch, run=i + 1, accuracy=round(accuracy, 2))
+
     def evaluate(arch: str, run_indices=None) -> dict:
         return evaluate_synset(
             images, labels, dataset.test.images, dataset.test.labels, arch, runs=runs,
@@ -115,7 +126,7 @@ def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor:
             augment=DSA(flip=not dataset.is_digit_like), progress=progress,
             num_classes=dataset.num_classes, channels=dataset.channels,
             image_size=dataset.image_size, channels_last=channels_last, compile=compile,
-            run_indices=run_indices)
+            run_indices=run_indices, on_run=lambda i, acc: on_run(arch, i, acc))
 
     if world_size > 1:
         if gather is None:

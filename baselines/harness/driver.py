@@ -648,7 +648,8 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     stop = stop if stop is not None else StopRequest()
     world = world if world is not None else distributed.World()
     main_rank, sharded = world.is_main, world.distributed
-    progress = not args.no_progress and main_rank
+    from dm_plugins.heartbeat import Heartbeat, bars_wanted
+    progress = bars_wanted(args.no_progress) and main_rank
     created = False
     if args.resume:
         run_dir = RunDir.open(args.resume, world.rank, world.world_size, clean=main_rank)
@@ -774,6 +775,9 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         stop.checkpoint = host.iteration
         log(f"resumed at iteration {host.iteration} of {config['iterations']}")
 
+    beat = Heartbeat(log, "distill", config["iterations"], config["log_every"],
+                     start=host.iteration) if not progress else None
+
     def after_iteration(t: int, metrics: dict) -> None:
         done = t + 1
         syn = getattr(host, "syn", None)
@@ -791,6 +795,9 @@ def run(spec: MethodSpec, args: argparse.Namespace,
                 metrics["peak_memory_mb_per_rank"] = peaks
             if main_rank:
                 run_dir.append_metrics(metrics)
+        if beat is not None:
+            beat(done, **{k: v for k, v in metrics.items()
+                          if k.startswith("loss") or k == "real_kept"})
         if (done % config["checkpoint_every"] == 0 or done == config["iterations"]
                 or stopping):
             run_dir.save_checkpoint({"host": host.state_dict(), "iteration": done,

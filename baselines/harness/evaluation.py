@@ -148,7 +148,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                     num_classes: Optional[int] = None, channels: Optional[int] = None,
                     image_size: Optional[int] = None, net_kwargs: Optional[dict] = None,
                     channels_last: bool = False, compile: bool = False,
-                    run_indices: Optional[Sequence[int]] = None) -> dict:
+                    run_indices: Optional[Sequence[int]] = None,
+                    on_run: Optional[Callable[[int, float], None]] = None) -> dict:
     """Evaluate a synthetic set: ``runs`` fresh networks, mean and std of final-epoch accuracy.
 
     Args:
@@ -173,6 +174,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
             process running them all); the result then also holds ``run_indices`` and its
             mean/std are over these runs only (combine the parts with
             :func:`summarize_accuracies`).
+        on_run: called as ``on_run(i, accuracy)`` when run ``i`` finishes (progress lines).
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "accuracies", "protocol", "epochs", "runs"}``;
@@ -214,6 +216,8 @@ def evaluate_synset(images: Tensor, labels: Tensor, dataset_test_images: Tensor,
                                  desc=f"{name} run {i + 1}/{runs}",
                                  channels_last=channels_last, compile=compile)
         accuracies.append(acc)
+        if on_run is not None:
+            on_run(i, acc)
     result = summarize_accuracies(accuracies, proto, runs)
     if run_indices is not None:
         result["run_indices"] = indices
