@@ -59,7 +59,8 @@ COMMAND_LINE = "command line"
 EMBEDDED_SOURCE = "embedded dataset"
 
 # argparse destinations that are not settings (or are recorded under another name)
-_NOT_SETTINGS = ("out", "resume", "no_progress", "preset")
+_NOT_SETTINGS = ("out", "resume", "no_progress", "preset", "config", "print_config",
+                 "config_values")
 _CONFIG_KEY = {"no_dsa": "dsa"}
 
 
@@ -249,6 +250,13 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
            f"s<seed>, the preset named when not {spec.name}; -2, -3, ... appended when taken)")
     a("--resume", default=None, metavar="RUN_DIR",
       help="continue the run in RUN_DIR from its last checkpoint (its config.json wins)")
+    a("--config", default=None, metavar="FILE",
+      help="settings from a JSON file (config.json's keys; a previous run's config.json works "
+           "as is; the files in configs/ hold the paper's rows), below the command line and "
+           "above the preset in precedence")
+    a("--print-config", action="store_true",
+      help="print the resolved settings with their sources as JSON and exit (nothing is "
+           "written)")
     a("--eval-runs", type=int, default=None, help=f"evaluation runs, 0 skips {d('eval_runs')}")
     a("--eval-epochs", type=int, default=None,
       help=f"epochs per evaluation run {d('eval_epochs')}")
@@ -283,23 +291,40 @@ def parse_args(spec: MethodSpec, argv: list[str] | None = None
                ) -> tuple[argparse.Namespace, frozenset[str]]:
     """Parse ``argv``; also return the destinations given on the command line (even when
     given their default value), which is what ``sources`` calls "command line"."""
-    args = build_parser(spec).parse_args(argv)
+    parser = build_parser(spec)
+    args = parser.parse_args(argv)
     probe = build_parser(spec)
     for action in probe._actions:  # argparse lists its actions nowhere public
         action.default = argparse.SUPPRESS  # an option not given is then left out
-    return args, frozenset(vars(probe.parse_args(argv)))
+    explicit = frozenset(vars(probe.parse_args(argv)))
+    args.config_values = {}
+    if args.config is not None:
+        from .common import UsageError
+        from .config_file import read_config_file
+        if args.resume:
+            raise UsageError("--config cannot be combined with --resume (the run's own "
+                             "config.json is used)")
+        args.config_values, preset = read_config_file(args.config, spec, parser)
+        if preset is not None and "preset" not in explicit:
+            args.preset = preset
+        for dest in ("dataset", "data_path"):  # read before the defaults are resolved
+            if dest in args.config_values and dest not in explicit:
+                setattr(args, dest, args.config_values[dest])
+    return args, explicit
 
 
 # -- default resolution -----------------------------------------------------------------------
 def resolve_settings(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset",
                      explicit: frozenset[str] | set[str] = frozenset()
                      ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every argparse destination's value and source, by precedence: command line > preset >
-    embedded-dataset budget > method default > parser default (the last two both read
+    """Every argparse destination's value and source, by precedence: command line > ``--config``
+    file > preset > embedded-dataset budget > method default > parser default (the last two both read
     ``method <name>``). ``explicit`` lists the destinations given on the command line (see
     :func:`parse_args`); a :data:`LAYERED` one that is not None counts as given anyway, since
     its parser default is None."""
     layers: list[tuple[str, Mapping[str, Any]]] = []
+    if getattr(args, "config_values", None):
+        layers.append((f"config file {args.config}", args.config_values))
     preset = getattr(args, "preset", None) or spec.name
     if preset != spec.name:
         if preset not in spec.presets:
@@ -404,7 +429,14 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
     Launched by ``torchrun`` with ``WORLD_SIZE > 1``, a method whose spec ``shards_classes``
     runs class-sharded (each rank its own classes; rank 0 writes the run directory, see
     :func:`run`); any other method is refused with one line before any work."""
-    args, explicit = parse_args(spec, argv)
+    from .errors import USER_ERRORS
+    try:
+        args, explicit = parse_args(spec, argv)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        return print_config(spec, args, explicit)
     from dm_plugins import distributed
 
     from .errors import USER_ERRORS
@@ -469,6 +501,27 @@ def disk_full_message(exc: OSError, stop, prog: str, launcher_: str) -> str:
         kept = "no checkpoint was written yet"
     return (f"no space left on device writing {name}{part} ({free}); {kept}; free some space "
             f"and continue with: {launcher_} {prog} --resume {stop.run_dir.path}")
+
+
+def print_config(spec: MethodSpec, args: argparse.Namespace, explicit) -> int:
+    """``--print-config``: the settings a new run would use, each with its source, as JSON on
+    stdout; nothing is written and no work starts (the dataset is read, since some defaults
+    depend on it). 0, or 2 with one line for a setting that would be refused."""
+    import json
+
+    from .errors import USER_ERRORS
+    if args.resume:
+        print("error: --print-config shows a new run's settings; a run's own are in its "
+              "config.json", file=sys.stderr)
+        return 2
+    try:
+        _, config = new_run_config(spec, args, explicit)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config.pop("environment", None)
+    print(json.dumps(config, indent=2, sort_keys=False))
+    return 0
 
 
 def _world(spec: MethodSpec):
