@@ -43,7 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         description="Evaluate a synthetic set (final-epoch test accuracy, mean ± population std "
                     "over runs); writes evaluation.json next to the set.")
-    p.add_argument("synset", help="path to the synthetic-set file (e.g. RUN/synthetic.pt)")
+    p.add_argument("synset", help="the synthetic set: RUN/synthetic.pt (or RUN), or a set from "
+                                  "another tool: an ImageFolder directory (class folders of "
+                                  "images, e.g. from baselines/export.py --to imagefolder) or "
+                                  "an original DM res_*.pt file")
+    p.add_argument("--dataset", default=None,
+                   help="the real dataset of an imported set (ImageFolder or res_*.pt without an "
+                        "export.json beside it); ignored for our own synthetic.pt")
     p.add_argument("--arch", default="convnet",
                    help="comma-separated architectures: convnet, resnet10, resnet18, densenet121, "
                         "convnetdN (default: convnet)")
@@ -52,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs per run (default: the protocol's, 1000)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="dm",
-                   help="dm = SGD + DSA; dance = dm + CutMix p 0.5 (default: dm)")
+                   help="dm: DM's (batch 256, DSA); dance: DANCE's (batch 64, IDC's colour+crop, "
+                        "CutMix); dsa-cutmix: dm + CutMix p 0.5 (default: dm)")
     p.add_argument("--data-path", default=None,
                    help="dataset root directory (default: the dataset loader's default)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
@@ -93,6 +100,40 @@ def _read_existing(path: Path) -> dict:
         old.get("results"), dict) else {}
 
 
+def load_any_set(path: Path, dataset: str | None, data_path: str | None):
+    """``(SynSet, where evaluation.json goes)`` for our ``synthetic.pt`` (or a run directory
+    holding one), an ImageFolder directory or an original DM ``res_*.pt``. An imported set is
+    taken as decoded (factor 1) pixel-space images of ``dataset`` (or of the dataset its
+    ``export.json`` names), with that dataset's mean/std."""
+    from baselines.harness.datasets import load_dataset
+    from baselines.harness.exchange import read_dm_result, read_imagefolder
+    from baselines.harness.synset import SynSet
+    if path.is_dir() and (path / "synthetic.pt").is_file():
+        path = path / "synthetic.pt"
+    imported = path.is_dir() or (path.is_file() and path.name.startswith("res_"))
+    if not imported:
+        return load_synset(path), path.resolve().parent / "evaluation.json"
+    record = path / "export.json" if path.is_dir() else path.parent / "export.json"
+    if dataset is None and record.is_file():
+        dataset = json.loads(record.read_text()).get("dataset")
+    if dataset is None:
+        raise CLIError(f"{path} is a set from another tool; name its dataset with --dataset")
+    ds = load_dataset(dataset, data_path)
+    try:
+        if path.is_dir():
+            images, labels = read_imagefolder(path, ds.channels)
+        else:
+            images, labels = read_dm_result(path, ds.mean, ds.std)
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    meta = {"dataset": ds.name, "mean": list(ds.mean), "std": list(ds.std), "factor": 1,
+            "method": "imported", "plugins": [], "ipc": None, "seed": None,
+            "source": str(path.resolve())}
+    where = path / "evaluation.json" if path.is_dir() else path.resolve().parent / \
+        "evaluation.json"
+    return SynSet(images, labels, meta), where
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from baselines.harness.common import UsageError, resolve_device
@@ -100,11 +141,10 @@ def main(argv=None) -> int:
     from baselines.harness.networks import get_network
 
     try:
-        synset = load_synset(args.synset)
+        synset, out_path = load_any_set(Path(args.synset), args.dataset, args.data_path)
         meta = synset.meta
         if synset.images.shape[0] == 0:
             raise CLIError(f"{args.synset} holds no images; there is nothing to evaluate")
-        out_path = Path(args.synset).resolve().parent / "evaluation.json"
         if out_path.exists() and not out_path.is_file():
             raise CLIError(f"{out_path} (where the results go) is a directory; move it away")
         if not os.access(out_path.parent, os.W_OK | os.X_OK):
