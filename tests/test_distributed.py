@@ -279,7 +279,7 @@ def test_a_sharded_dance_host_refuses_a_class_without_inter_class_loss(toy, pool
     from tests.test_dance import normalize, pixel_init
 
     class NoInterClass(DANCEHost):
-        def inter_class_losses(self, syn_images, syn_labels, t):
+        def inter_class_losses(self, syn_images, syn_labels, t, *offered):
             return {}
     shard = ClassShard(toy.num_classes, 1, 2)
     host = NoInterClass(ShardedClassData.restrict(toy, shard.classes), pool,
