@@ -6,7 +6,7 @@ from .data import ClassIndexedData, ClassIndexedTensors
 from .errors import ExpertError, PluginError
 from .experts import Expert, ExpertPool
 from .hookspecs import hookimpl, hookspec
-from .loop import DMHost
+from .loop import DMHost, class_means
 from .options import PluginOption
 from .manager import (PluginSet, available_plugins, check_plugin_names, parse_plugin_names,
                       plugins_need_experts)
@@ -19,5 +19,5 @@ __all__ = [
     "CapacityMatching", "PseudoTrajectoryMatching", "PseudoLabelMatching", "PluginSet",
     "DistillContext", "DMHost", "ExpertPool", "Expert", "ClassIndexedData", "ClassIndexedTensors",
     "PluginError", "ExpertError", "PluginOption", "hookimpl", "hookspec", "available_plugins",
-    "parse_plugin_names", "check_plugin_names", "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
+    "parse_plugin_names", "check_plugin_names", "class_means", "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
 ]

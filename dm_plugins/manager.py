@@ -381,6 +381,31 @@ class PluginSet:
                                         iteration).to(keep.device)
         return keep
 
+    def real_class_means(self, real_features: torch.Tensor, real_labels: torch.Tensor,
+                         syn_features: torch.Tensor, syn_labels: torch.Tensor, iteration: int,
+                         num_classes: int) -> torch.Tensor:
+        """(num_classes, D) mean real feature of each class over the samples the plugins keep,
+        for a loop that batches every class in one forward (the original DM code's BatchNorm
+        branch). With no filtering plugin it is exactly that code's
+        ``real_features.reshape(num_classes, -1, D).mean(1)`` (rows sorted by class, equal
+        counts), so the graft changes nothing; otherwise class c's row is the mean of its rows
+        :meth:`batched_keep_mask` keeps, as the per-class loop computes it."""
+        if real_features.ndim != 2:
+            raise PluginError(f"features must be (batch, dim), got {tuple(real_features.shape)}")
+        counts = torch.bincount(real_labels, minlength=num_classes)
+        ordered = bool((real_labels[1:] >= real_labels[:-1]).all()) if len(real_labels) else True
+        if not self.filters_real and ordered and bool((counts == counts[0]).all()):
+            self._check_iteration(iteration)
+            return real_features.reshape(num_classes, -1, real_features.shape[1]).mean(1)
+        keep = self.batched_keep_mask(real_features, real_labels, syn_features, syn_labels,
+                                      iteration)
+        rows = []
+        for c in range(num_classes):
+            mine = real_features[keep & (real_labels == c)]
+            rows.append(mine.mean(0) if mine.shape[0] else real_features.new_zeros(
+                real_features.shape[1]))
+        return torch.stack(rows)
+
     def auxiliary_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
                          iteration: int, extractor: nn.Module | None = None,
                          real_images: torch.Tensor | None = None,

@@ -169,7 +169,8 @@ def test_plm_adds_exactly_eq9(toy, experts_dir):
         return pseudo_label_loss(experts.trained_network(k)(img_syn),
                                  torch.full((IPC,), c), targets[k])
     syn, losses = bare_loop(toy, extra_loss=by_hand)
-    g_syn, g_losses, _, plugins = grafted_loop(toy, "plm", experts_dir, max_real_per_class=100)
+    g_syn, g_losses, _, plugins = grafted_loop(toy, "plm", experts_dir,
+                                               options={"plm": {"max_real_per_class": 100}})
     torch.testing.assert_close(g_losses, losses)
     torch.testing.assert_close(g_syn, syn)
 

@@ -44,7 +44,7 @@ MODULES = [
     "dm_plugins/seeding.py", "dm_plugins/atomic.py", "dm_plugins/capacity.py",
     "dm_plugins/trajectory.py", "dm_plugins/pseudo_label.py", "dm_plugins/manager.py",
     "dm_plugins/loop.py", "dm_plugins/experts.py",
-    "baselines/harness/factorization.py", "baselines/harness/dsa.py",
+    "baselines/harness/factorization.py", "dm_plugins/augment.py",
     "baselines/harness/evaluation.py",
 ]
 RUN_LOG = ROOT / "mutants" / "mutation-runs.json"
@@ -55,7 +55,7 @@ KILLED, SURVIVED, TIMEOUT, NO_TESTS, NOT_CHECKED = "killed", "survived", "timeou
 
 
 def resolve_module(name: str) -> str:
-    """`capacity`, `dm_plugins.capacity`, `harness/dsa.py`, ... -> the path in MODULES."""
+    """`capacity`, `dm_plugins.capacity`, `dm_plugins/augment.py`, ... -> the path in MODULES."""
     key = name.replace(".py", "").replace(".", "/").strip("/")
     hits = [m for m in MODULES if m[:-3] == key or m[:-3].endswith("/" + key)]
     if len(hits) != 1:
