@@ -50,22 +50,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None,
                    help="the real dataset of an imported set (ImageFolder or res_*.pt without an "
                         "export.json beside it); ignored for our own synthetic.pt")
-    p.add_argument("--arch", default="convnet",
+    p.add_argument("--arch", default=None,
                    help="comma-separated architectures: convnet, resnet10, resnet18, densenet121, "
-                        "convnetdN (default: convnet)")
-    p.add_argument("--runs", type=int, default=5,
-                   help="independent training runs per architecture (default: 5)")
+                        "convnetdN (default: the run's --eval-arch, else convnet)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="independent training runs per architecture (default: the run's "
+                        "--eval-runs, else 5)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs per run (default: the protocol's, 1000)")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="dm",
+                   help="training epochs per run (default: the run's --eval-epochs, else the "
+                        "protocol's 1000)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                    help="dm: DM's (batch 256, DSA); dance: DANCE's (batch 64, IDC's colour+crop, "
-                        "CutMix); dsa-cutmix: dm + CutMix p 0.5 (default: dm)")
+                        "CutMix); dsa-cutmix: dm + CutMix p 0.5 (default: the run's "
+                        "--eval-protocol, else dm)")
     p.add_argument("--data-path", default=None,
-                   help="dataset root directory (default: the dataset loader's default)")
+                   help="dataset root directory (default: the run's, else the loader's)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
                    help="device to train on; auto = cuda if available (default: auto)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="evaluation seed; run i is seeded from (seed, i) (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="evaluation seed; run i is seeded from (seed, i) (default: the run's "
+                        "--seed, else 0)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last memory format; auto = on for CPU (faster there), off for "
                         "CUDA (default: auto)")
@@ -75,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true",
                    help="hide the per-run progress bars (default: shown)")
     args = p.parse_args(argv)
-    if args.runs < 1:
+    if args.runs is not None and args.runs < 1:
         p.error("--runs must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
@@ -134,6 +138,47 @@ def load_any_set(path: Path, dataset: str | None, data_path: str | None):
     return SynSet(images, labels, meta), where
 
 
+FALLBACK = {"runs": 5, "epochs": None, "protocol": "dm", "arch": "convnet", "seed": 0,
+            "data_path": None}
+"""What an evaluation uses when neither a flag nor the run's config.json says."""
+
+
+def follow_the_run(args: argparse.Namespace, path: Path) -> dict:
+    """Fill the flags not given from the run's ``config.json`` beside the set (its
+    evaluation protocol, budget, architectures, seed and data path), else :data:`FALLBACK`.
+    Returns where each came from (``flag``, ``run``, ``default``)."""
+    config = {}
+    folder = path if path.is_dir() else path.parent
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError:
+            config = {}
+    from_run = {"runs": config.get("eval_runs") or None, "epochs": config.get("eval_epochs"),
+                "protocol": config.get("eval_protocol"),
+                "arch": ",".join(config["eval_arch"]) if config.get("eval_arch") else None,
+                "seed": config.get("seed"), "data_path": config.get("data_path")}
+    sources = {}
+    for key, fallback in FALLBACK.items():
+        if getattr(args, key) is not None:
+            sources[key] = "flag"
+        elif from_run.get(key) is not None:
+            setattr(args, key, from_run[key])
+            sources[key] = "run"
+        else:
+            setattr(args, key, fallback)
+            sources[key] = "default"
+    return sources
+
+
+def next_evaluation_path(folder: Path) -> Path:
+    """``folder/evaluations/evaluation-<n>.json`` with the first unused n (never overwrites)."""
+    n = 1
+    while (folder / "evaluations" / f"evaluation-{n}.json").exists():
+        n += 1
+    return folder / "evaluations" / f"evaluation-{n}.json"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from baselines.harness.common import UsageError, resolve_device
@@ -141,6 +186,10 @@ def main(argv=None) -> int:
     from baselines.harness.networks import get_network
 
     try:
+        sources = follow_the_run(args, Path(args.synset))
+        if args.protocol not in PROTOCOLS:
+            raise CLIError(f"the run's evaluation protocol {args.protocol!r} is unknown here; "
+                           f"give --protocol")
         synset, out_path = load_any_set(Path(args.synset), args.dataset, args.data_path)
         meta = synset.meta
         if synset.images.shape[0] == 0:
@@ -199,6 +248,16 @@ def main(argv=None) -> int:
     for arch, r in results.items():
         print(f"{arch:<{width}} | {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:5.2f} | {r['runs']}")
 
+    evaluation = next_evaluation_path(out_path.parent)
+    first = results[archs[0]]
+    atomic_write_json(evaluation, {  # the schema of a run's results.json
+        **first, "arch": archs[0], "per_arch": [{**r, "arch": a} for a, r in results.items()],
+        "method": meta.get("method"), "plugins": meta.get("plugins"), "ipc": meta.get("ipc"),
+        "dataset": meta["dataset"], "iterations": (meta.get("config") or {}).get("iterations"),
+        "preset": (meta.get("config") or {}).get("preset"), "synset": str(
+            Path(args.synset).resolve()), "settings_from": sources,
+        "eval_code_version": code_version()})
+    print(f"wrote {evaluation}")
     merged = {**_read_existing(out_path), **results}
     atomic_write_json(out_path, {
         "synset": str(Path(args.synset).resolve()),

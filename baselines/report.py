@@ -100,6 +100,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _is_run(path: Path) -> bool:
+    """A run directory, or a re-evaluation file inside one (``RUN/evaluations/*.json``)."""
+    if path.is_file() and path.parent.name == "evaluations":
+        return _is_run(path.parent.parent)
     return (path / "config.json").is_file() or (path / "synthetic.pt").is_file()
 
 
@@ -114,10 +117,16 @@ def _numbers(values) -> list[float]:
 
 
 def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
-    """Read one run directory (a distillation run or a coreset output)."""
+    """Read one run directory (a distillation run or a coreset output), or one of its
+    re-evaluations (``RUN/evaluations/evaluation-<n>.json``, written by ``evaluate.py``): the
+    run's row with that evaluation's accuracy. A run without ``results.json`` shows its latest
+    re-evaluation."""
     from baselines.harness.plots import read_metrics
     from baselines.harness.synset import load_synset
     path = Path(path)
+    evaluation = None
+    if path.is_file() and path.parent.name == "evaluations":
+        evaluation, path = path, path.parent.parent
     run = RunSummary(label=label or str(path), path=path)
     if (path / "config.json").is_file():
         config = _read_json(path / "config.json")
@@ -133,9 +142,16 @@ def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
     run.ipc = str(config.get("ipc", "-"))
     run.expert_accuracy = _numbers(config.get("expert_test_accuracy"))
     result = None
-    if (path / "results.json").is_file():
+    evaluations = sorted((path / "evaluations").glob("evaluation-*.json"),
+                         key=lambda p: int(p.stem.split("-")[-1]))
+    if evaluation is not None:  # a re-evaluation named on the command line
+        result = _read_json(evaluation)
+        run.label = label or f"{path} ({evaluation.stem})"
+    elif (path / "results.json").is_file():
         result = _read_json(path / "results.json")
         run.expert_accuracy = _numbers(result.get("expert_test_accuracy")) or run.expert_accuracy
+    elif evaluations:
+        result = _read_json(evaluations[-1])
     elif (path / "evaluation.json").is_file():
         by_arch = _read_json(path / "evaluation.json").get("results", {})
         if by_arch:

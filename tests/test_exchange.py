@@ -82,3 +82,26 @@ def test_evaluate_takes_an_imported_set_like_our_own(run, capsys):
     assert theirs["accuracies"] == ours["accuracies"]       # the same images, the same seeds
     one_line_error(capsys, evaluate.main, [str(run / "export-imagefolder" / "000_0")] + args,
                    "--dataset")
+
+
+def test_evaluate_follows_the_run_and_report_shows_each_re_evaluation(tmp_path, capsys):
+    from baselines import report
+    run = tmp_path / "run"
+    assert dm.main(TINY + ["--eval-runs", "2", "--eval-epochs", "2", "--out", str(run)]) == 0
+    own = json.loads((run / "results.json").read_text())
+    assert evaluate.main([str(run), "--no-progress", "--device", "cpu"]) == 0
+    first = json.loads((run / "evaluations" / "evaluation-1.json").read_text())
+    # the run's protocol, budget, seed and architectures: the run's own numbers again
+    assert first["accuracies"] == own["accuracies"] and first["epochs"] == 2
+    assert set(first["settings_from"].values()) == {"run"}
+    assert {k for k in own if k != "expert_test_accuracy"} <= set(first)   # results.json's keys
+    assert evaluate.main([str(run), "--epochs", "1", "--runs", "1", "--no-progress",
+                          "--device", "cpu"]) == 0
+    second = json.loads((run / "evaluations" / "evaluation-2.json").read_text())
+    assert second["epochs"] == 1 and second["settings_from"]["epochs"] == "flag"
+    assert json.loads((run / "results.json").read_text()) == own          # never overwritten
+    capsys.readouterr()
+    assert report.main([str(run), str(run / "evaluations" / "evaluation-2.json"),
+                        "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert f"{own['accuracy_mean']:.2f}" in table and f"{second['accuracy_mean']:.2f}" in table
