@@ -3,6 +3,8 @@ process with the same seed: the gathered synthetic set class by class, the summe
 evaluation runs dealt over the two ranks, and a 2-process run stopped after its checkpoint and
 resumed. Each launch costs a few seconds of process start-up, so the cases share launches."""
 import json
+import signal
+import time
 import os
 import socket
 import subprocess
@@ -200,3 +202,43 @@ def test_idm_two_processes_with_plugins_equal_one(tmp_path, random_experts):
         for key in ("loss", "loss_match", "loss_ce", "loss_plm", "ce_scale", "trained_accuracy"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["real_kept"] == pytest.approx(a["real_kept"])
+
+
+def _our_launcher(args, out, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, str(ROOT / "baselines" / "dm.py"), *args,
+                             "--nproc-per-node", "2", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_nproc_per_node_starts_the_workers_itself_and_answers_with_their_code(tmp_path):
+    args = ["--ipc", "1", "--iterations", "3", "--batch-real", "8", "--eval-runs", "0",
+            "--no-progress", "--device", "cpu"]
+    one = tmp_path / "one"
+    assert dm.main(args + ["--out", str(one)]) == 0
+    two = _our_launcher(args, tmp_path / "two")
+    out, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err
+    _assert_same_sets(one, tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    bad = _our_launcher(args + ["--lr-img", "-1"], tmp_path / "bad")
+    out, err = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and err.strip().splitlines() == ["error: --lr-img must be > 0, "
+                                                                "got -1.0"]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_once_with_143(tmp_path):
+    args = ["--ipc", "1", "--iterations", "400", "--batch-real", "8", "--eval-runs", "0",
+            "--checkpoint-every", "1", "--no-progress", "--device", "cpu"]
+    run = _our_launcher(args, tmp_path / "run")
+    deadline = time.time() + 240
+    while not (tmp_path / "run" / "checkpoint-rank1.pt").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 143, err
+    assert "interrupted (SIGTERM)" in err and f"--resume {tmp_path / 'run'}" in err
+    assert "Traceback" not in err

@@ -60,7 +60,7 @@ EMBEDDED_SOURCE = "embedded dataset"
 
 # argparse destinations that are not settings (or are recorded under another name)
 _NOT_SETTINGS = ("out", "resume", "no_progress", "preset", "config", "print_config",
-                 "config_values")
+                 "config_values", "nproc_per_node")
 _CONFIG_KEY = {"no_dsa": "dsa"}
 
 
@@ -254,6 +254,10 @@ def build_parser(spec: MethodSpec) -> argparse.ArgumentParser:
       help="settings from a JSON file (config.json's keys; a previous run's config.json works "
            "as is; the files in configs/ hold the paper's rows), below the command line and "
            "above the preset in precedence")
+    if spec.shards_classes:
+        a("--nproc-per-node", type=int, default=None, metavar="N",
+          help="start N processes on this machine (classes sharded, as torchrun "
+               "--nproc-per-node N) and exit with their own code; torchrun for several machines")
     a("--print-config", action="store_true",
       help="print the resolved settings with their sources as JSON and exit (nothing is "
            "written)")
@@ -437,6 +441,18 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         return print_config(spec, args, explicit)
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        if nproc < 1:
+            print(f"error: --nproc-per-node must be >= 1, got {nproc}", file=sys.stderr)
+            return 2
+        if nproc > 1:
+            import inspect
+
+            from .launch import launch, strip_flag
+            script = inspect.getfile(spec.build_host)  # the method's command-line file
+            return launch(script, strip_flag(list(sys.argv[1:] if argv is None else argv)),
+                          nproc)
     from dm_plugins import distributed
 
     from .errors import USER_ERRORS
@@ -559,7 +575,7 @@ def _check_resume_flags(spec: MethodSpec, args: argparse.Namespace, explicit, co
     from .plugin_flags import recorded as recorded_value
     from dm_plugins import check_plugin_names
 
-    for dest in sorted(set(explicit) - {"resume", "no_progress"}):
+    for dest in sorted(set(explicit) - {"resume", "no_progress", "nproc_per_node"}):
         given = getattr(args, dest)
         flag = "--" + dest.replace("_", "-")
         if dest == "out":
