@@ -152,17 +152,24 @@ def test_ptm_supplies_exactly_eq5(toy, experts_dir):
     torch.testing.assert_close(g_syn, syn)
 
 
-def test_plm_adds_exactly_eq9(toy, experts_dir):
-    _, _, experts, _ = grafted_loop(toy, "none", experts_dir)
-    # max_real_per_class covers every image, so the targets do not depend on sampling order
+def plm_targets_by_hand(experts, real, num_classes=C, tau=0.1):
+    """Eq. 7-8 written out: per expert, each class's mean softmax over its correctly classified
+    real images (all of them: max_real_per_class covers every image, so no sampling order
+    matters), sharpened."""
     targets = []
     for k in range(len(experts)):
         net = experts.trained_network(k)
         rows = []
-        for c in range(C):
-            p = torch.softmax(net(toy.images_of(c)), dim=1)
+        for c in range(num_classes):
+            p = torch.softmax(net(real.images_of(c)), dim=1)
             rows.append(p[p.argmax(1) == c].mean(0))
-        targets.append(sharpen(torch.stack(rows), 0.1))
+        targets.append(sharpen(torch.stack(rows), tau))
+    return targets
+
+
+def test_plm_adds_exactly_eq9(toy, experts_dir):
+    _, _, experts, _ = grafted_loop(toy, "none", experts_dir)
+    targets = plm_targets_by_hand(experts, toy)
 
     def by_hand(img_syn, c, it):
         k = experts.pick(it)

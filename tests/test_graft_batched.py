@@ -9,9 +9,9 @@ import torch
 
 from dm_plugins import ExpertPool, PluginSet
 from dm_plugins.capacity import capacity_keep_mask
-from dm_plugins.pseudo_label import pseudo_label_loss, sharpen
+from dm_plugins.pseudo_label import pseudo_label_loss
 from tests.conftest import TinyNet
-from tests.test_graft import augment
+from tests.test_graft import augment, plm_targets_by_hand
 
 ROOT = Path(__file__).resolve().parents[1]
 C, IPC, T, BATCH = 3, 2, 4, 5
@@ -115,14 +115,7 @@ def test_ptm_supplies_exactly_eq5(toy, experts):
 
 
 def test_plm_over_every_class_at_once_is_exactly_eq9(toy, experts):
-    targets = []
-    for k in range(len(experts)):
-        net = experts.trained_network(k)
-        rows = []
-        for c in range(C):
-            p = torch.softmax(net(toy.images_of(c)), dim=1)
-            rows.append(p[p.argmax(1) == c].mean(0))
-        targets.append(sharpen(torch.stack(rows), 0.1))
+    targets = plm_targets_by_hand(experts, toy)
     labels = torch.arange(C).repeat_interleave(IPC)
 
     def by_hand(syns, it):
