@@ -255,7 +255,7 @@ def _load_torchvision(name: str, data_path: str, download: bool) -> Dataset:
     cls_name, mean, std, folder = _TORCHVISION[name]
     cls = getattr(tvd, cls_name)
     where = os.path.join(os.path.abspath(data_path), folder)
-    from .paths import missing_ancestors, remove_if_empty
+    from .folders import missing_ancestors, remove_if_empty
     created = missing_ancestors(os.path.join(where, "raw"))  # what a download attempt makes
     splits = []
     for train in (True, False):

@@ -57,27 +57,6 @@ def check_new_run_dir(flag: str, path: str | os.PathLike) -> None:
                              f"({shown}); choose a new or empty directory")
 
 
-def missing_ancestors(path: str | os.PathLike) -> list[Path]:
-    """The directories ``path`` and its ancestors that do not exist yet, deepest first (what
-    creating ``path`` would create)."""
-    path = Path(os.path.abspath(path))
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_if_empty(paths: list[Path]) -> None:
-    """Remove each of ``paths`` (deepest first) that exists and is an empty directory: what a
-    refused or failed attempt created and left empty."""
-    for path in paths:
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 

@@ -107,7 +107,7 @@ class RunDir:
     def create(cls, path: str | Path, config: dict, rank: int = 0,
                world_size: int = 1) -> "RunDir":
         """A new run in ``path``, its config written and its lock held (:meth:`release`)."""
-        from .paths import missing_ancestors
+        from .folders import missing_ancestors
         run = cls(path, rank, world_size)
         run._created = missing_ancestors(run.path)  # removed again if the run never starts
         run.path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ class RunDir:
         """Delete a run directory that failed before its first iteration (it holds only
         config.json, run.log and temp files), and the parent folders :meth:`create` made for
         it when they are empty again (a default ``runs/``); anything else leaves it in place."""
-        from .paths import remove_if_empty
+        from .folders import remove_if_empty
         names = {p.name for p in self.path.iterdir()}
         if all(n in self._UNSTARTED or (n.startswith(".") and n.endswith(".tmp")) for n in names):
             self.release()
