@@ -74,6 +74,18 @@ def build_network(network_factory: Callable[[], nn.Module]) -> nn.Module:
     return unwrap_network(network)
 
 
+def describe_training(network_factory: Callable[[], nn.Module], images: torch.Tensor,
+                      labels: torch.Tensor) -> dict:
+    """What a pool's manifest records for a reader besides its recipe and ``meta``: the
+    network's class and parameter count and the training data's shape (dataset and
+    architecture names come from ``meta`` when the caller gives them)."""
+    network = build_network(network_factory)
+    return {"network": type(network).__name__,
+            "parameters": int(sum(p.numel() for p in network.parameters())),
+            "train_images": int(images.shape[0]), "image_shape": list(images.shape[1:]),
+            "num_classes": int(labels.max()) + 1 if len(labels) else 0}
+
+
 def factory_device(network_factory: Callable[[], nn.Module]) -> torch.device:
     """Where ``network_factory`` builds its networks (the device of its first parameter; the
     CPU for a network without parameters): experts train there unless told otherwise."""
@@ -207,6 +219,9 @@ class ExpertPool:
     def _write_manifest(self, directory: Path) -> None:
         manifest = {"format": FORMAT, "version": 1, "num_experts": len(self), "seed": self.seed,
                     "meta": self.meta, "experts": [e.meta for e in self.experts]}
+        described = getattr(self, "described", None)
+        if described:  # for a reader, never compared on load (``meta`` is)
+            manifest["described"] = described
         atomic_write_json(directory / MANIFEST, manifest)
 
     @classmethod
@@ -307,6 +322,7 @@ class ExpertPool:
                         cutmix_p=cutmix_p, augment=augment, test_images=test_images,
                         test_labels=test_labels, device=device, progress=progress,
                         channels_last=channels_last)
+        described = describe_training(network_factory, images, labels)
         for k in range(len(experts), num_experts):
             on_epoch = None
             if log is not None and not progress:  # no bar: a line every tenth of the epochs
@@ -317,6 +333,7 @@ class ExpertPool:
             experts.append(train(index=k, desc=f"expert {k + 1}/{num_experts}",
                                  on_epoch=on_epoch))
             pool = cls(experts, network_factory, seed=seed, meta=pool_meta)
+            pool.described = described
             pool._check_distinct_inits()
             directory.mkdir(parents=True, exist_ok=True)
             pool._save_expert(directory, k)

@@ -570,3 +570,17 @@ def test_experts_train_where_the_factory_builds_its_networks(monkeypatch):
     ExpertPool.train(lambda: TinyNet(num_classes=2), images, labels, num_experts=1, epochs=1,
                      progress=False, device="cpu")
     assert seen == [torch.device("meta"), torch.device("cpu")]
+
+
+def test_the_manifest_describes_the_network_and_the_data_without_meta(toy, tmp_path):
+    d = tmp_path / "pool"
+    ExpertPool.load_or_train(d, tiny, toy.images, toy.labels, num_experts=1, **FAST)
+    manifest = json.loads((d / "manifest.json").read_text())
+    net = tiny()
+    assert manifest["described"] == {
+        "network": type(net).__name__, "parameters": sum(p.numel() for p in net.parameters()),
+        "train_images": toy.images.shape[0], "image_shape": list(toy.images.shape[1:]),
+        "num_classes": 3}
+    assert "batch_size" in manifest["meta"]                 # the recipe, compared on reuse
+    pool = ExpertPool.load(d, tiny)                          # reuse in one call
+    assert len(pool) == 1 and pool.meta["batch_size"] == manifest["meta"]["batch_size"]
