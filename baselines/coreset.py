@@ -74,9 +74,9 @@ def _check_out(out: str, overwrite: bool) -> None:
     """Never overwrite a run: refuse an --out that is a file or already holds a synthetic set or
     a distillation run, unless --overwrite (which replaces only a coreset's own files)."""
     from baselines.harness.common import UsageError
+    from baselines.harness.paths import check_writable_dir
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory")
+    check_writable_dir("--out", path)   # a file in the way, under a file, a read-only place
     if (path / "config.json").exists():
         raise UsageError(f"--out {out} holds a distillation run (config.json); choose another "
                          f"--out")

@@ -211,3 +211,9 @@ def test_evaluate_refuses_an_empty_set_and_a_directory_in_the_way(tmp_path, caps
     save_synset(empty, synset.images[:0], synset.labels[:0], synset.meta)
     one_line_error(capsys, evaluate.main, [str(empty), "--runs", "1", "--epochs", "1"],
                    "no images")
+
+
+def test_coreset_out_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "F").write_text("x")
+    one_line_error(capsys, coreset.main, ["--method", "random", "--ipc", "1", "--out",
+                                          str(tmp_path / "F" / "run")], "a file")
