@@ -282,7 +282,8 @@ def test_plm_chunked_expert_forward_gives_the_same_loss_and_gradient(toy, pool):
         plugin = PseudoLabelMatching(pool, chunk=chunk)
         plugin.dm_setup(ctx)
         x = syn.clone().requires_grad_(True)
-        loss = plugin.dm_auxiliary_loss(x, labels, 3)["plm"]
+        loss = plugin.dm_auxiliary_loss(x, labels, 3, extractor=None, real_images=None,
+                                        real_labels=None)["plm"]
         loss.backward()
         results.append((loss.detach(), x.grad))
     for loss, grad in results[1:]:

@@ -682,8 +682,10 @@ def required_keys(spec: MethodSpec) -> set[str]:
 
 def config_differences(recorded: dict, now: dict) -> list[str]:
     """The keys whose values differ between two configs (``sources`` and ``environment`` are
-    bookkeeping, not settings)."""
+    bookkeeping, not settings; an optional key removed from ``now``, as in a run written before
+    it existed, reads with its default and is no difference)."""
     keys = (set(recorded) | set(now)) - {"sources", "environment"}
+    keys -= {k for k in OPTIONAL_ON_RESUME if k not in now}
     return sorted(k for k in keys if recorded.get(k, "<absent>") != now.get(k, "<absent>"))
 
 
