@@ -322,7 +322,7 @@ class PluginSet:
             raise PluginError("pass PluginSet.setup either a DistillContext or its fields, not both")
         self.context = context if context is not None else DistillContext(**fields)
         self._warned_past_end = False
-        self.separate_step_lr  # two plugins asking for different step rates: refused here
+        _ = self.separate_step_lr  # two plugins asking for different step rates: refused here
         self.pm.hook.dm_setup(context=self.context)
         return self.context
 
