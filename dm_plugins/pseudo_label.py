@@ -126,7 +126,6 @@ def batch_pseudo_labels(network: torch.nn.Module, real_images: torch.Tensor,
     absent from the batch are one-hot (never used: a host passes the real batch of the classes
     whose synthetic images it passes)."""
     rows = F.one_hot(torch.arange(num_classes), num_classes).float().to(real_images.device)
-    rows = rows.clone()
     for c in torch.unique(real_labels).tolist():
         probs = F.softmax(network(real_images[real_labels == c]), dim=1).float()
         rows[c] = sharpen(class_prediction(probs, c, reduce), tau)
