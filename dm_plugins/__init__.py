@@ -8,8 +8,9 @@ from .experts import Expert, ExpertPool
 from .hookspecs import hookimpl, hookspec
 from .loop import DMHost, class_means
 from .options import PluginOption
-from .manager import (PluginSet, available_plugins, check_plugin_names, parse_plugin_names,
-                      plugins_need_experts)
+from .manager import PluginSet
+from .registry import (available_plugins, check_plugin_names, parse_plugin_names,
+                       plugins_need_experts)
 from .pseudo_label import PseudoLabelMatching
 from .trajectory import PseudoTrajectoryMatching, injection_ratio
 

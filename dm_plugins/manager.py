@@ -1,5 +1,9 @@
 """Building a set of plugins from names, and the facade loops call.
 
+Contract: :class:`PluginSet` holds one run's plugins in a pluggy manager and is the only thing a
+loop calls. Which plugins exist, and parsing and checking their names, is
+:mod:`dm_plugins.registry` (its names are importable from here too).
+
 Loops (the minimal host, the adapters, or a user's own DM/IDM/DANCE loop) talk to
 :class:`PluginSet`, never to pluggy directly. Hooks are called through pluggy's own call loop;
 the combination rules pluggy cannot express as markers live here: keep-masks ANDed, named
@@ -7,8 +11,6 @@ auxiliary losses merged and summed, at most one extractor provider.
 """
 from __future__ import annotations
 
-import inspect
-from importlib.metadata import entry_points
 from typing import Any, Callable, Union
 
 import pluggy
@@ -19,8 +21,10 @@ from . import hookspecs
 from .context import DistillContext
 from .errors import PluginError
 from .options import RESOURCES, check_options, declared_options
-
-ENTRY_POINT_GROUP = "dm_plugins"
+# the registry's names, importable from here as before the registry had its own module
+from .registry import (ENTRY_POINT_GROUP, _call_with_accepted, _check_names,  # noqa: F401
+                       _LazyEntryPoint, available_plugins, builtin_plugins, check_plugin_names,
+                       parse_plugin_names, plugins_need_experts)
 
 
 class PastTheEnd(UserWarning):
@@ -28,120 +32,11 @@ class PastTheEnd(UserWarning):
     :meth:`PluginSet.extractor`): warned once per run; the schedules are held at their end."""
 
 
-def builtin_plugins() -> dict[str, Callable[..., Any]]:
-    """The three PTLM plugins by name; each class states its own name (``cls.name``)."""
-    from .capacity import CapacityMatching
-    from .pseudo_label import PseudoLabelMatching
-    from .trajectory import PseudoTrajectoryMatching
-    return {cls.name: cls for cls in (CapacityMatching, PseudoTrajectoryMatching,
-                                      PseudoLabelMatching)}
-
-
-def available_plugins() -> dict[str, Callable[..., Any]]:
-    """Built-in plugins plus third-party ones from the ``dm_plugins`` entry-point group.
-
-    An entry point names a factory (usually a class) called with keyword options. Built-in names
-    cannot be overridden by an entry point.
-    """
-    found = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in found:
-            found[ep.name] = ep
-    factories: dict[str, Callable[..., Any]] = {}
-    for name, ep in found.items():
-        factories[name] = _LazyEntryPoint(ep)
-    factories.update(builtin_plugins())
-    return dict(sorted(factories.items()))
-
-
-class _LazyEntryPoint:
-    """Loads an entry point only when its plugin is actually requested."""
-
-    def __init__(self, ep):
-        self.ep = ep
-
-    def __call__(self, **options):
-        try:
-            factory = self.ep.load()
-        except Exception as exc:  # noqa: BLE001 - a broken third-party package, one line
-            raise PluginError(f"plugin {self.ep.name!r} ({self.ep.value}) failed to import: "
-                              f"{type(exc).__name__}: {exc}") from None
-        return _call_with_accepted(factory, options)
-
-    @property
-    def needs_experts(self) -> bool:
-        return bool(getattr(self.ep.load(), "needs_experts", False))
-
-    @property
-    def options(self):
-        return declared_options(self.ep.load())
-
-
-def parse_plugin_names(spec: str | None) -> list[str]:
-    """``"cap,ptm,plm"`` -> ``["cap", "ptm", "plm"]``; ``"none"``, ``""`` or None -> ``[]``.
-
-    Names are lower-cased and stripped; a name listed twice is a :class:`PluginError`.
-    """
-    if spec is None:
-        return []
-    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    if "none" in names:
-        raise PluginError(f"'none' cannot be combined with other plugins (got {spec!r})")
-    seen = set()
-    for n in names:
-        if n in seen:
-            raise PluginError(f"plugin {n!r} is listed twice in {spec!r}")
-        seen.add(n)
-    return names
-
-
-def check_plugin_names(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Parse ``spec`` and check every name is available, without building anything.
-
-    Raises :class:`PluginError` (one line listing the available names) for an unknown name.
-    """
-    names = parse_plugin_names(",".join(spec) if isinstance(spec, (list, tuple)) else spec)
-    factories = available_plugins()
-    for name in names:
-        if name not in factories:
-            raise PluginError(f"unknown plugin {name!r}; available: "
-                              f"{', '.join(factories)} (or 'none')")
-    return names
-
-
-def plugins_need_experts(spec: str | list[str] | tuple[str, ...] | None) -> bool:
-    """True when any named plugin declares ``needs_experts = True`` (a class attribute).
-
-    Lets a run driver decide whether to load or train an expert pool without knowing plugins
-    by name.
-    """
-    factories = available_plugins()
-    return any(bool(getattr(factories[name], "needs_experts", False))
-               for name in check_plugin_names(spec))
-
-
-def _call_with_accepted(factory: Callable[..., Any], options: dict[str, Any],
-                        required: dict[str, Any] | None = None):
-    """Call ``factory`` with the options its signature accepts (all of them if it has **kw);
-    those in ``required`` (its declared options) are always passed."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return factory(**options)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(**options)
-    keep = set(params) | set(required or {})
-    return factory(**{k: v for k, v in options.items() if k in keep})
-
-
 def make_plugin_manager() -> pluggy.PluginManager:
     """A pluggy manager for project ``dm_plugins`` with the hook specs loaded."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     return pm
-
 
 
 Fallback = Union[nn.Module, Callable[[], nn.Module], None]
@@ -194,7 +89,10 @@ class PluginSet:
         as a flat keyword (``alpha=7``) goes to the named plugins that declare an option of
         that name; any other keyword is passed as a resource.
         """
-        names = check_plugin_names(spec)
+        # the names are checked against the table the plugins are built from: both read this
+        # module's ``available_plugins`` (so patching ``dm_plugins.manager.available_plugins``
+        # still reaches from_names)
+        names = _check_names(spec, available_plugins)
         factories = available_plugins()
         options = dict(options or {})
         for name in options:

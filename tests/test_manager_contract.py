@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dm_plugins import CapacityMatching, DistillContext, PluginError, PluginSet, hookimpl
-from dm_plugins import manager
-from dm_plugins.manager import _LazyEntryPoint, plugins_need_experts
+from dm_plugins import registry
+from dm_plugins.registry import _LazyEntryPoint, plugins_need_experts
 
 
 class FakeEntryPoint:
@@ -41,7 +41,7 @@ def _fake_entry_points(monkeypatch, *eps):
     def entry_points(group):
         assert group == "dm_plugins"
         return list(eps)
-    monkeypatch.setattr(manager, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "entry_points", entry_points)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_entry_point_needs_experts_reads_the_loaded_class(monkeypatch):
 
 def test_a_factory_without_needs_experts_does_not_need_experts(monkeypatch):
     factories = {"cap": CapacityMatching, "modest": Modest}
-    monkeypatch.setattr(manager, "available_plugins", lambda: dict(factories))
+    monkeypatch.setattr(registry, "available_plugins", lambda: dict(factories))
     assert plugins_need_experts("modest") is False
     assert plugins_need_experts("cap,modest") is False
 
