@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from baselines.harness import driver  # noqa: E402
 from dm_plugins.loop import OFFERS  # noqa: E402
-from baselines.harness.driver import EMBEDDED, MethodSpec, Preset, Rule  # noqa: E402,F401
+from baselines.harness.driver import EMBEDDED, HostRequest, MethodSpec, Preset, Rule  # noqa: E402,F401
 
 
 def dm_image_lr(dataset, settings: dict) -> float:
@@ -52,18 +52,18 @@ PRESETS = {
 }
 
 
-def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last,
-               shard=None):
-    """A :class:`dm_plugins.DMHost` for DM through ``adapters/dm.py`` (``shard``: this
+def build_host(request: HostRequest):
+    """A :class:`dm_plugins.DMHost` for DM through ``adapters/dm.py`` (``request.shard``: this
     process's classes in a run of several processes, see ``dm_plugins/distributed.py``)."""
     from adapters.dm import build_dm_host
-    return build_dm_host(dataset, network_factory, syn_init, plugins=plugins,
-                         iterations=config["iterations"], batch_real=config["batch_real"],
-                         lr=config["lr_img"], momentum=config["momentum"],
-                         factor=config["factor"], seed=config["seed"], device=device,
-                         dsa=config["dsa"], compile_real=config["compile"],
-                         compile_syn=config["compile"],
-                         channels_last=channels_last, shard=shard)
+    config = request.config
+    return build_dm_host(request.dataset, request.network_factory, request.syn_init,
+                         plugins=request.plugins, iterations=config["iterations"],
+                         batch_real=config["batch_real"], lr=config["lr_img"],
+                         momentum=config["momentum"], factor=config["factor"],
+                         seed=config["seed"], device=request.device, dsa=config["dsa"],
+                         compile_real=config["compile"], compile_syn=config["compile"],
+                         channels_last=request.channels_last, shard=request.shard)
 
 
 SPEC = MethodSpec(

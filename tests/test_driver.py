@@ -21,12 +21,13 @@ def _toy_arguments(parser):
                         help="scale of the initial synthetic images")
 
 
-def _toy_host(dataset, network_factory, syn_init, plugins, config, device, channels_last):
-    return DMHost(dataset.train, network_factory, syn_init * config["syn_scale"],
-                  num_iterations=config["iterations"], plugins=plugins,
-                  batch_real=config["batch_real"], lr=config["lr_img"],
-                  momentum=config["momentum"], seed=config["seed"], device=device,
-                  channels_last=channels_last)
+def _toy_host(request):
+    config = request.config
+    return DMHost(request.dataset.train, request.network_factory,
+                  request.syn_init * config["syn_scale"], num_iterations=config["iterations"],
+                  plugins=request.plugins, batch_real=config["batch_real"], lr=config["lr_img"],
+                  momentum=config["momentum"], seed=config["seed"], device=request.device,
+                  channels_last=request.channels_last)
 
 
 TOY = driver.MethodSpec(

@@ -225,3 +225,36 @@ class RunDir:
 
     def write_results(self, results: dict) -> None:
         atomic_write_json(self.results_path, results)
+
+
+class RunLog:
+    """Prints each message and appends it to ``run.log``; with ``hold``, the appends wait until
+    :meth:`release` (messages of a resume that is then refused never reach the run's log)."""
+
+    def __init__(self, run_dir: RunDir, hold: bool = False):
+        self.run_dir, self.held = run_dir, [] if hold else None
+
+    def __call__(self, message: str) -> None:
+        print(message, flush=True)
+        if self.held is not None:
+            self.held.append(message)
+        else:
+            self.run_dir.log(message)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for message in held or ():
+            self.run_dir.log(message)
+
+
+class _Silent:
+    """The log of a rank other than 0: it writes nothing."""
+
+    def __call__(self, message: str) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+silent = _Silent()
