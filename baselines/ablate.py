@@ -38,24 +38,24 @@ rewrites the tables and exits 128 + the signal number (130, 143).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
 import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the cells' names, paths and results, and the tables: importable from here as before
+from baselines.harness.ablation import (Cell, collect, markdown, read_results,  # noqa: E402,F401
+                                        subset_name, summarize, write_outputs)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dm", "idm", "dance")
@@ -121,26 +121,6 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r} lists a seed twice")
     return seeds
-
-
-def subset_name(subset: list[str]) -> str:
-    return "+".join(subset) or "none"
-
-
-@dataclass(frozen=True)
-class Cell:
-    subset: tuple[str, ...]
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{subset_name(list(self.subset))}-s{self.seed}"
-
-    def run_dir(self, out: Path) -> Path:
-        return out / "cells" / self.name
-
-    def log_path(self, out: Path) -> Path:
-        return out / "logs" / f"{self.name}.log"
 
 
 def new_cell_argv(cell: Cell, out: Path, extra: list[str]) -> list[str]:
@@ -216,17 +196,6 @@ def cell_env(jobs: int) -> dict:
     for var in _THREAD_VARS:
         env.setdefault(var, threads)
     return env
-
-
-def read_results(run_dir: Path) -> dict | None:
-    path = run_dir / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) else None
 
 
 # -- settings and the ablation directory ------------------------------------------------------
@@ -350,92 +319,6 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
         raise
     pool.shutdown(wait=True)
     return failed
-
-
-# -- the tables -------------------------------------------------------------------------------
-def collect(cells: list[Cell], out: Path) -> list[dict]:
-    """One row per evaluation run of every finished cell (the rows of ``ablation.csv``)."""
-    rows = []
-    for cell in cells:
-        results = read_results(cell.run_dir(out))
-        if results is None:
-            continue
-        for arch_result in results.get("per_arch") or [results]:
-            for i, accuracy in enumerate(arch_result.get("accuracies", [])):
-                rows.append({"subset": subset_name(list(cell.subset)), "seed": cell.seed,
-                             "arch": arch_result.get("arch", "convnet"), "eval_run": i,
-                             "accuracy": accuracy,
-                             "run_dir": str(Path("cells") / cell.name)})
-    return rows
-
-
-def summarize(rows: list[dict], subsets: list[str]) -> dict[str, dict[str, tuple]]:
-    """arch -> subset -> (mean, population std, n) over every accuracy of that subset."""
-    archs = list(dict.fromkeys(r["arch"] for r in rows))
-    table: dict[str, dict[str, tuple]] = {}
-    for arch in archs:
-        table[arch] = {}
-        for subset in subsets:
-            values = [r["accuracy"] for r in rows if r["arch"] == arch and r["subset"] == subset]
-            table[arch][subset] = ((statistics.fmean(values), statistics.pstdev(values),
-                                    len(values)) if values else (math.nan, math.nan, 0))
-    return table
-
-
-def markdown(settings: dict, config: dict, table: dict, cells: list[Cell], out: Path,
-             experts: list[float] | None) -> str:
-    archs = list(table) or [config["eval_arch"][0]]
-    lines = [f"# Ablation: {settings['method']}, preset {config.get('preset')}, "
-             f"{config['dataset']}, IPC {config['ipc']}, {config['iterations']} iterations", "",
-             f"Seeds {', '.join(map(str, settings['seeds']))}; each cell evaluated "
-             f"{config['eval_runs']} x {config['eval_epochs']} epochs "
-             f"({config['eval_protocol']} protocol). Accuracy: final-epoch test accuracy (%), "
-             f"mean ± population std over every evaluation run of every seed; n: their number.",
-             ""]
-    if experts:
-        lines += [f"Experts (one pool, expert seed {config.get('expert_seed')}): "
-                  f"{len(experts)} x {config['arch']}, test accuracy "
-                  f"{', '.join(f'{a:.1f}' for a in experts)} "
-                  f"(mean {statistics.fmean(experts):.2f}).", ""]
-    header = ["plugins"] + [h for arch in archs for h in (f"{arch} accuracy (%)", "n")]
-    lines += ["| " + " | ".join(header) + " |",
-              "|---|" + "---:|---:|" * len(archs)]
-    for subset in settings["subsets"]:
-        cells_text = []
-        for arch in archs:
-            mean, std, n = table.get(arch, {}).get(subset, (math.nan, math.nan, 0))
-            cells_text += ["-" if n == 0 else f"{mean:.2f} ± {std:.2f}", str(n)]
-        lines.append("| " + " | ".join([subset, *cells_text]) + " |")
-    missing = [c.name for c in cells if read_results(c.run_dir(out)) is None]
-    if missing:
-        lines += ["", f"Not finished: {', '.join(missing)}."]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) -> None:
-    """``ablation.csv``, ``ablation.md`` and ``ablation.png`` from the finished cells."""
-    from baselines.harness.plots import plot_bars
-    from dm_plugins.atomic import atomic_write_bytes
-    rows = collect(cells, out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["subset", "seed", "arch", "eval_run", "accuracy",
-                                     "run_dir"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "ablation.csv", buffer.getvalue().encode())
-    table = summarize(rows, settings["subsets"])
-    experts = next((r["expert_test_accuracy"] for c in cells
-                    if (r := read_results(c.run_dir(out))) and r.get("expert_test_accuracy")),
-                   None)
-    text = markdown(settings, config, table, cells, out, experts)
-    atomic_write_bytes(out / "ablation.md", text.encode("utf-8"))
-    series = {arch: ([table[arch][s][0] for s in settings["subsets"]],
-                     [table[arch][s][1] for s in settings["subsets"]]) for arch in table}
-    plot_bars(settings["subsets"], series or {"none": ([math.nan] * len(settings["subsets"]),
-                                                       [0.0] * len(settings["subsets"]))},
-              out / "ablation.png", reference="none",
-              title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, "
-                    f"IPC {config['ipc']}: mean ± std (dashed: none)")
 
 
 def main(argv: list[str] | None = None) -> int:
