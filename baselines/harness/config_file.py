@@ -24,6 +24,7 @@ def read_config_file(path: str, spec, parser) -> tuple[dict[str, Any], str | Non
     command line ``spec`` whose parser is ``parser``; a UsageError (one line) for a file that
     is missing, not a JSON object, of another method, or holding an unknown key."""
     from .plugin_flags import LEGACY_KEYS
+    from .settings import BY_DEST, from_config
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -42,15 +43,12 @@ def read_config_file(path: str, spec, parser) -> tuple[dict[str, Any], str | Non
     for key, value in data.items():
         if key in BOOKKEEPING:
             continue
-        dest = {"dsa": "no_dsa"}.get(key, legacy.get(key, key))
-        if dest not in dests or dest in ("help", "config", "print_config", "resume", "out"):
+        dest, parsed = from_config(legacy.get(key, key), value)
+        row = BY_DEST.get(dest)
+        if dest not in dests or dest == "help" or (row is not None and not row.record):
             raise UsageError(f"--config {path}: unknown setting {key!r} (keys are config.json's, "
                              f"e.g. lr_img, plugins, cap_end)")
-        if dest == "no_dsa":
-            value = not bool(value)
-        elif dest in ("plugins", "eval_arch") and isinstance(value, list):
-            value = ",".join(map(str, value)) or ("none" if dest == "plugins" else "")
-        values[dest] = value
+        values[dest] = parsed
     preset = data.get("preset")
     if preset is not None and preset not in spec.preset_names:
         raise UsageError(f"--config {path}: unknown preset {preset!r}; choose from "
