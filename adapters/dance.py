@@ -1,4 +1,4 @@
-"""DANCE adapter: the dm_plugins hooks grafted onto DANCE (``baselines/harness/dance.py``).
+"""DANCE adapter: the dm_plugins hooks grafted onto DANCE (``baselines/methods/dance.py``).
 
 The worked example for your own DANCE fork. DANCE's loop names the points where a hook goes
 (``matching_extractor``, ``select_real``, ``inter_class_losses``, ``start`` / ``close``); this
@@ -37,7 +37,7 @@ import torch
 from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
-from baselines.harness.dance import DANCE
+from baselines.methods.dance import DANCE
 from dm_plugins import DistillContext, ExpertPool, PluginSet
 from dm_plugins.distributed import ClassShard, place_real
 

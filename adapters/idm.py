@@ -1,4 +1,4 @@
-"""IDM adapter: the dm_plugins hooks grafted onto IDM (``baselines/harness/idm.py``).
+"""IDM adapter: the dm_plugins hooks grafted onto IDM (``baselines/methods/idm.py``).
 
 The worked example for your own IDM fork. IDM's loop names the points where a hook goes
 (``matching_extractor``, ``select_real``, ``extra_losses``, ``start`` / ``close``); this wrapper
@@ -38,7 +38,7 @@ from torch import nn
 from baselines.harness.datasets import Dataset
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode
-from baselines.harness.idm import IDM
+from baselines.methods.idm import IDM
 from dm_plugins import DistillContext, PluginSet
 from dm_plugins.distributed import ClassShard, place_real
 from dm_plugins.experts import build_network

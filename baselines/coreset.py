@@ -10,7 +10,7 @@ Usage (from the repo root)::
 ``random``: IPC random real images per class (the "random real" row of distillation tables).
 ``herding`` and ``kcenter``: IPC real images per class chosen greedily on the embeddings
 (``net.embed(x)``, the feature layer) of a trained network, class by class
-(``baselines/harness/coresets.py`` states both rules). The network is expert ``--expert-index``
+(``baselines/methods/coresets.py`` states both rules). The network is expert ``--expert-index``
 of the shared expert pool (the one ``baselines/dm.py`` uses with the same ``--arch``,
 ``--expert-epochs``, ``--expert-recipe`` and seed; trained and cached if missing, or read from
 ``--experts DIR``), or the network in ``--network FILE`` (an ``expert_<k>.pt`` file of a pool, or
@@ -164,7 +164,7 @@ def select(dataset, features, ipc: int, method: str) -> "torch.Tensor":
     """Global training-set indices: ``ipc`` per class, class by class, in selection order."""
     import torch
 
-    from baselines.harness.coresets import SELECTORS
+    from baselines.methods.coresets import SELECTORS
     chosen = []
     for c in range(dataset.num_classes):
         members = torch.nonzero(dataset.train.labels == c, as_tuple=True)[0]

@@ -12,7 +12,7 @@ Stored images live in pixel space [0, 1], so ``--lr-img`` is a pixel-space rate 
 
 ``torchrun --nproc-per-node K baselines/dance.py ...`` shards the classes over K processes (each
 optimises its own classes' images with the single-process draws; the gathered set equals one
-process's up to float rounding; see ``baselines/harness/dance.py``).
+process's up to float rounding; see ``baselines/methods/dance.py``).
 """
 from __future__ import annotations
 

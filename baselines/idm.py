@@ -13,7 +13,7 @@ their commands for CIFAR-10 (and for any other dataset), CIFAR-100 and TinyImage
 ``torchrun --nproc-per-node K baselines/idm.py ...`` shards the matching over K processes by
 class; every process runs the whole model queue itself (replicated, on every class's real
 images), so the gathered set equals one process's up to float rounding (see
-``baselines/harness/idm.py``).
+``baselines/methods/idm.py``).
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from baselines import coreset
-from baselines.harness.coresets import herding, k_center
 from baselines.harness.synset import load_synset
+from baselines.methods.coresets import herding, k_center
 
 # 1-D points 0, 1, 2, 3, 10 (mean 3.2), worked by hand:
 # herding, target sum (i + 1) * 3.2 after step i:

@@ -1,4 +1,4 @@
-"""DANCE as a host (baselines/harness/dance.py), its plugin adapter (adapters/dance.py), IDC's
+"""DANCE as a host (baselines/methods/dance.py), its plugin adapter (adapters/dance.py), IDC's
 whole-strategy augmentation (DSA.sequence) and the command line (baselines/dance.py): the middle
 model, both views' per-class steps against a hand-written iteration, clamping, each plugin's
 replace/add statement, resume, and the CLI on the embedded digits set."""
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from adapters.dance import DANCEHost
 from baselines import dance as dance_cli
-from baselines.harness import dance as dance_module
-from baselines.harness.dance import DANCE, middle_ratio
 from baselines.harness.dsa import DSA
 from baselines.harness.factorization import decode, mosaic_init
 from baselines.harness.synset import load_synset
+from baselines.methods import dance as dance_module
+from baselines.methods.dance import DANCE, middle_ratio
 from dm_plugins import PluginSet
 from dm_plugins.seeding import make_generator
 from tests.conftest import count_calls, group_scale_augment, killed_at, straight_and_resumed

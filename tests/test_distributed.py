@@ -267,7 +267,7 @@ def test_sharded_idm_hosts_together_equal_one_host(spec, toy, tiny_factory, pool
 
 
 def test_a_sharded_idm_host_needs_every_class_of_the_real_data(toy, tiny_factory):
-    from baselines.harness.idm import IDM
+    from baselines.methods.idm import IDM
     shard = ClassShard(toy.num_classes, 0, 2)
     with pytest.raises(ValueError, match="every class's real images"):
         IDM(ShardedClassData.restrict(toy, shard.classes), tiny_factory, toy.images[:2],

@@ -1,4 +1,4 @@
-"""IDM as a host (baselines/harness/idm.py), its plugin adapter (adapters/idm.py) and its
+"""IDM as a host (baselines/methods/idm.py), its plugin adapter (adapters/idm.py) and its
 command line (baselines/idm.py): the queue, the class-aware term, the per-class image steps,
 each plugin's replace/add statement, resume, and the CLI on the embedded digits set."""
 import itertools
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from adapters.idm import IDMHost
 from baselines import idm as idm_cli
 from baselines.harness.factorization import decode, mosaic_init
-from baselines.harness.idm import IDM
 from baselines.harness.synset import load_synset
+from baselines.methods.idm import IDM
 from dm_plugins import PluginSet
 from tests.conftest import group_scale_augment, killed_at, straight_and_resumed
 

@@ -285,8 +285,8 @@ class FakeBar:
 
 
 def test_run_resumes_with_a_progress_bar_and_calls_back(toy, tiny_factory, monkeypatch):
-    import dm_plugins.loop as loop
-    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    import dm_plugins.synthetic as synthetic
+    monkeypatch.setattr(synthetic, "tqdm", FakeBar)
     FakeBar.made = []
     rec = Recorder()
     host = DMHost(toy, tiny_factory, _syn_init(toy, 1), num_iterations=3, batch_real=2,

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from adapters.dance import DANCEHost
 from baselines import dance as dance_cli
 from baselines import dm as dm_cli
-from baselines.harness import dance as dance_module
 from baselines.harness.factorization import decode
 from baselines.harness.plugin_flags import plugin_options
+from baselines.methods import dance as dance_module
 from dm_plugins import (CapacityMatching, DistillContext, PluginError, PluginSet,
                         PseudoLabelMatching, capacity_keep_mask)
 from dm_plugins.capacity import capacity_progress

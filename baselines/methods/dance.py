@@ -45,7 +45,7 @@ their own generator, while the middle model's weight ``l`` and the expert depend
 so a class's terms are those of one process. The classes are still coupled through the shared
 momentum buffer: each class's step moves every image by its momentum, so a process steps for
 every class in order, a zero-gradient step for a class it does not hold
-(:func:`dm_plugins.loop.image_step`). No gradient or image is exchanged; only the logged sums
+(:func:`dm_plugins.synthetic.image_step`). No gradient or image is exchanged; only the logged sums
 (one small collective an iteration). Gathered in class order, the K processes' images equal one
 process's up to float rounding. Every forward here runs on one class's images, so no batch mixes
 classes (the run driver still refuses BatchNorm networks for any run of several processes).
@@ -72,9 +72,9 @@ from torch import nn
 from dm_plugins.experts import ExpertPool
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
 from dm_plugins.distributed import ClassShard
-from dm_plugins.loop import (check_host_args, image_step, restore_synthetic, run_iterations,
-                             shard_classes, sum_over_shards, synthetic_state, with_real_kept)
 from dm_plugins.seeding import make_generator
+from dm_plugins.synthetic import (check_host_args, image_step, restore_synthetic, run_iterations,
+                                  shard_classes, sum_over_shards, synthetic_state, with_real_kept)
 from dm_plugins.trajectory import interpolate_parameters_
 
 __all__ = ["DANCE", "middle_ratio"]
@@ -117,7 +117,7 @@ class DANCE:
         seed: all random draws derive from it.
         channels_last: networks and images in channels-last memory format.
         real_chunk: the inner-class real forward runs in chunks of at most this many images
-            (None: :func:`dm_plugins.loop.default_real_chunk`; same result, faster on CPU).
+            (None: :func:`dm_plugins.chunking.default_real_chunk`; same result, faster on CPU).
         shard: a :class:`dm_plugins.distributed.ClassShard`: optimise only its classes
             (``syn_init`` then holds only theirs, sorted by class; ``real`` may hold only their
             images, a :class:`dm_plugins.distributed.ShardedClassData`); the logged losses and

@@ -35,7 +35,7 @@ One iteration ``t`` (the order of the authors' main loop):
 Every random draw comes from a generator derived from the run seed and ``t`` (and the pass, class
 or training slot), and queue nets are initialised from a seed derived from their serial number,
 so a resumed run equals an uninterrupted one; :meth:`IDM.state_dict` holds the queue (every
-net's weights, optimiser state and meter).
+net's weights, optimiser state and meter). The queue is :mod:`baselines.methods.idm_queue`'s.
 
 Class-sharded (``shard=``, ``torchrun --nproc-per-node K baselines/idm.py``; the contract is
 :mod:`dm_plugins.distributed`'s): a process holds and optimises only its classes' stored
@@ -51,7 +51,7 @@ ways, and a sharded host handles them without exchanging anything but the logged
   process's checkpoint holds the whole queue. Only the matching passes are split;
 * the one image optimiser whose per-class steps share one momentum buffer: a process steps for
   every class in order, a zero-gradient step for a class it does not hold
-  (:func:`dm_plugins.loop.image_step`), so its images move as in one process.
+  (:func:`dm_plugins.synthetic.image_step`), so its images move as in one process.
 
 A pass's real batches are drawn for every class from one generator (the images of the classes
 a process does not hold are not copied) and only its classes' are augmented and forwarded;
@@ -92,127 +92,21 @@ from torch import nn
 from dm_plugins.experts import build_network
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
 from dm_plugins.distributed import ClassShard, skip_sample
-from dm_plugins.loop import (check_batch_independent, check_host_args, image_step,
-                             restore_synthetic, run_iterations, shard_classes, sum_over_shards,
-                             synthetic_state)
-from dm_plugins.seeding import derive_seed, make_generator, reinitialize_
+from dm_plugins.seeding import make_generator
+from dm_plugins.synthetic import (check_batch_independent, check_host_args, image_step,
+                                  restore_synthetic, run_iterations, shard_classes,
+                                  sum_over_shards, synthetic_state)
+
+from .idm_queue import ModelQueue, QueueNet, _to_cpu
 
 
 __all__ = ["IDM", "ModelQueue", "QueueNet", "MatchingPass"]
 
-_QUEUE_STREAM = 0x1D0   # a queue net's initial weights, by its serial number
 _PICK_STREAM = 0x1D1    # which queue nets match at iteration t
 _REAL_STREAM = 0x1D2    # the real batches of (t, pass)
 _AUG_STREAM = 0x1D3     # the DSA draw of (t, pass, class)
 _FETCH_STREAM = 0x1D4   # which queue nets are trained at t
 _TRAIN_STREAM = 0x1D5   # the training batches of (t, slot)
-
-
-@dataclass
-class QueueNet:
-    """One model of the queue: its network, its SGD optimiser and its accuracy meter."""
-
-    serial: int
-    net: nn.Module
-    optimizer: torch.optim.SGD
-    correct: int = 0
-    seen: int = 0
-
-    @property
-    def accuracy(self) -> float:
-        """Running training accuracy in percent since the last reset; 0 before any sample
-        (the reference's ``ClassErrorMeter(accuracy=True).value()[0]``, 0 when ``n == 0``)."""
-        return 100.0 * self.correct / self.seen if self.seen else 0.0
-
-    def reset_meter(self) -> None:
-        self.correct = self.seen = 0
-
-
-class ModelQueue:
-    """IDM's FIFO queue of randomly initialised, progressively trained networks.
-
-    Net number ``serial`` (0, 1, 2, ... in push order) is drawn from a seed derived from
-    ``(seed, serial)``. Parameters have ``requires_grad`` off except while the net trains, so
-    matching never builds gradients for them.
-    """
-
-    def __init__(self, network_factory: Callable[[], nn.Module], *, capacity: int, initial: int,
-                 seed: int, device: torch.device, memory_format: torch.memory_format,
-                 lr: float, momentum: float, weight_decay: float):
-        self.network_factory = network_factory
-        self.capacity = int(capacity)
-        self.seed = int(seed)
-        self.device = device
-        self.memory_format = memory_format
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
-        self.nets: list[QueueNet] = []
-        self.next_serial = 0
-        for _ in range(initial):
-            self.push()
-
-    def _build(self, serial: int, weights: dict | None = None) -> QueueNet:
-        net = build_network(self.network_factory).to(self.device, memory_format=self.memory_format)
-        if weights is None:
-            reinitialize_(net, derive_seed(self.seed, _QUEUE_STREAM, serial))
-        else:
-            net.load_state_dict(weights)
-        net.train().requires_grad_(False)
-        optimizer = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=self.momentum,
-                                    weight_decay=self.weight_decay)
-        return QueueNet(serial, net, optimizer)
-
-    def push(self) -> QueueNet:
-        """Append a new random net, first evicting the oldest while ``capacity`` are held."""
-        while len(self.nets) >= self.capacity:
-            self.nets.pop(0)
-        entry = self._build(self.next_serial)
-        self.next_serial += 1
-        self.nets.append(entry)
-        return entry
-
-    def reset_meters(self) -> None:
-        for entry in self.nets:
-            entry.reset_meter()
-
-    @property
-    def serials(self) -> list[int]:
-        return [entry.serial for entry in self.nets]
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-    def __getitem__(self, index: int) -> QueueNet:
-        return self.nets[index]
-
-    def __iter__(self):
-        return iter(self.nets)
-
-    def state_dict(self) -> dict:
-        """Every net's weights and optimiser state and meter, copied to the CPU."""
-        return {"next_serial": self.next_serial, "nets": [
-            {"serial": e.serial, "correct": e.correct, "seen": e.seen,
-             "weights": {k: v.detach().cpu().clone() for k, v in e.net.state_dict().items()},
-             "optimizer": _to_cpu(copy.deepcopy(e.optimizer.state_dict()))}
-            for e in self.nets]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.nets = []
-        for item in state["nets"]:
-            entry = self._build(int(item["serial"]), item["weights"])
-            entry.optimizer.load_state_dict(item["optimizer"])
-            entry.correct, entry.seen = int(item["correct"]), int(item["seen"])
-            self.nets.append(entry)
-        self.next_serial = int(state["next_serial"])
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
 
 
 @dataclass
@@ -255,7 +149,7 @@ class IDM:
         seed: all random draws derive from it.
         channels_last: networks and images in channels-last memory format (faster on CPU).
         real_chunk: the real forward of a pass runs in chunks of at most this many images (None:
-            the device's default, :func:`dm_plugins.loop.default_real_chunk`; never chunked
+            the device's default, :func:`dm_plugins.chunking.default_real_chunk`; never chunked
             for networks with BatchNorm in training mode).
         shard: a :class:`dm_plugins.distributed.ClassShard`: optimise only its classes
             (``syn_init`` then holds only theirs, sorted by class; ``real`` must still hold
