@@ -52,10 +52,8 @@ OFFERS = frozenset({"extractor", "real_batch", "separate_step"})
 
 class DANCEHost(DANCE):
     """DANCE with dm_plugins hooks: :class:`DANCE`'s arguments plus ``plugins``
-    (None = plain DANCE)."""
-
-    #: tells the run driver that :meth:`run` returns pixel-space images
-    stores_pixels = True
+    (None = plain DANCE). Like DANCE it stores pixels in [0, 1]: :meth:`run` returns them
+    unnormalised (``baselines/dance.py`` declares ``stores_pixels`` on its spec)."""
 
     def __init__(self, *args, plugins: PluginSet | None = None, **kwargs):
         super().__init__(*args, **kwargs)

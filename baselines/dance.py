@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from baselines.harness import driver  # noqa: E402
 from adapters.dance import OFFERS  # noqa: E402
-from baselines.harness.driver import MethodSpec, Preset, Rule  # noqa: E402
+from baselines.harness.driver import HostRequest, MethodSpec, Preset, Rule  # noqa: E402
 
 
 def dance_image_lr(dataset, settings: dict) -> float:
@@ -87,22 +87,20 @@ def add_arguments(parser) -> None:
            f"0 turns the inter-class view off {d('iter_calib')}")
 
 
-def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last, *,
-               experts, shard=None):
-    """A DANCE host through ``adapters/dance.py`` (``shard``: this process's classes in a run
-    of several processes)."""
+def build_host(request: HostRequest):
+    """A DANCE host through ``adapters/dance.py`` (``request.shard``: this process's classes in
+    a run of several processes); its ``run`` returns pixel-space images (``stores_pixels``)."""
     from adapters.dance import build_dance_host
     from baselines.harness.common import UsageError
-    if config["compile"]:
-        raise UsageError("--compile is not supported by dance (its matching network changes "
-                         "every iteration); drop --compile")
+    config = request.config
     try:
         return build_dance_host(
-            dataset, experts, syn_init, plugins=plugins, factor=config["factor"],
-            augment=config["dsa"], device=device, num_iterations=config["iterations"],
-            batch_real=config["batch_real"], batch_syn_max=config["batch_syn_max"],
-            lr=config["lr_img"], momentum=config["momentum"], iter_calib=config["iter_calib"],
-            seed=config["seed"], channels_last=channels_last, shard=shard)
+            request.dataset, request.experts, request.syn_init, plugins=request.plugins,
+            factor=config["factor"], augment=config["dsa"], device=request.device,
+            num_iterations=config["iterations"], batch_real=config["batch_real"],
+            batch_syn_max=config["batch_syn_max"], lr=config["lr_img"],
+            momentum=config["momentum"], iter_calib=config["iter_calib"], seed=config["seed"],
+            channels_last=request.channels_last, shard=request.shard)
     except ValueError as exc:  # a setting DANCE rejects, e.g. --batch-syn-max 0
         raise UsageError(str(exc)) from None
 
@@ -118,7 +116,8 @@ SPEC = MethodSpec(
                 "so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
     needs_experts=True, checks={"batch_syn_max": "positive", "iter_calib": "nonnegative"},
-    shards_classes=True, offers=OFFERS)
+    shards_classes=True, offers=OFFERS, stores_pixels=True,
+    supports_compile=False)  # its matching network changes every iteration
 
 
 def build_parser():

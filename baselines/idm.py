@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from baselines.harness import driver  # noqa: E402
 from adapters.idm import OFFERS  # noqa: E402
-from baselines.harness.driver import EMBEDDED_BUDGET, MethodSpec, Preset, Rule  # noqa: E402
+from baselines.harness.driver import EMBEDDED_BUDGET, HostRequest, MethodSpec, Preset, Rule  # noqa: E402
 
 REFERENCE = {
     "cifar10": {"ce_weight": (0.5, 0.5, 0.1), "batch_real": (5000, 256, 256),
@@ -107,34 +107,25 @@ def add_arguments(parser) -> None:
            f"eval_interval) {d('meter_interval')}")
 
 
-def build_host(dataset, network_factory, syn_init, plugins, config, device, channels_last,
-               shard=None):
-    """An IDM host through ``adapters/idm.py`` (``shard``: this process's classes in a run of
-    several processes)."""
+def build_host(request: HostRequest):
+    """An IDM host through ``adapters/idm.py`` (``request.shard``: this process's classes in a
+    run of several processes)."""
+    from adapters.idm import build_idm_host
     from baselines.harness.common import UsageError
-    if config["compile"]:
-        raise UsageError("--compile is not supported by idm (its matching networks change "
-                         "every iteration); drop --compile")
+    config = request.config
     try:
-        return _build(dataset, network_factory, syn_init, plugins, config, device, channels_last,
-                      shard)
+        return build_idm_host(
+            request.dataset, request.network_factory, request.syn_init, plugins=request.plugins,
+            factor=config["factor"], dsa=config["dsa"], device=request.device,
+            num_iterations=config["iterations"], batch_real=config["batch_real"],
+            lr=config["lr_img"], momentum=config["momentum"], ce_weight=config["ce_weight"],
+            net_num=config["net_num"], net_generate_interval=config["net_generate_interval"],
+            train_net_num=config["train_net_num"], fetch_net_num=config["fetch_net_num"],
+            model_train_steps=config["model_train_steps"], trained_bs=config["trained_bs"],
+            lr_net=config["lr_net"], meter_interval=config["meter_interval"],
+            seed=config["seed"], channels_last=request.channels_last, shard=request.shard)
     except ValueError as exc:  # a setting IDM rejects, e.g. --net-num 0
         raise UsageError(str(exc)) from None
-
-
-def _build(dataset, network_factory, syn_init, plugins, config, device, channels_last,
-           shard=None):
-    from adapters.idm import build_idm_host
-    return build_idm_host(
-        dataset, network_factory, syn_init, plugins=plugins, factor=config["factor"],
-        dsa=config["dsa"], device=device, num_iterations=config["iterations"],
-        batch_real=config["batch_real"], lr=config["lr_img"], momentum=config["momentum"],
-        ce_weight=config["ce_weight"], net_num=config["net_num"],
-        net_generate_interval=config["net_generate_interval"],
-        train_net_num=config["train_net_num"], fetch_net_num=config["fetch_net_num"],
-        model_train_steps=config["model_train_steps"], trained_bs=config["trained_bs"],
-        lr_net=config["lr_net"], meter_interval=config["meter_interval"], seed=config["seed"],
-        channels_last=channels_last, shard=shard)
 
 
 SPEC = MethodSpec(
@@ -147,6 +138,7 @@ SPEC = MethodSpec(
                 "are smaller so a run takes minutes on a CPU; those are marked [embedded].",
     defaults=DEFAULTS, build_host=build_host, add_arguments=add_arguments, presets=PRESETS,
     embedded_budget=EMBEDDED, shards_classes=True, offers=OFFERS, needs_every_class=True,
+    supports_compile=False,  # its matching networks change every iteration
     checks={"ce_weight": "nonnegative", "net_num": "positive", "net_generate_interval": "positive",
             "train_net_num": "positive", "fetch_net_num": "nonnegative",
             # 0 steps would leave every queue net untrained: IDM without its queue training

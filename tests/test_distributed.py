@@ -180,7 +180,7 @@ def test_resume_needs_the_same_number_of_processes(capsys, tmp_path):
 def test_more_processes_than_classes_or_a_batchnorm_network_is_refused(toy):
     from baselines.harness.common import UsageError
     from baselines.harness.datasets import load_dataset
-    from baselines.harness.driver import _check_processes
+    from baselines.harness.opening import check_processes as _check_processes
     digits = load_dataset("digits")
     _check_processes(World(0, 10), digits, "convnet")
     _check_processes(World(0, 1), digits, "resnet10")               # one process: anything
@@ -195,7 +195,7 @@ def test_more_processes_than_classes_or_a_batchnorm_network_is_refused(toy):
 
 def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_shared(
         tmp_path, monkeypatch):
-    from baselines.harness import driver
+    from baselines.harness.building import common_checkpoint
     from baselines.harness.runs import RunDir, RunError
     from dm_plugins import distributed
     run = RunDir(tmp_path, rank=1, world_size=2)
@@ -208,12 +208,12 @@ def test_each_process_keeps_its_previous_checkpoint_and_resume_takes_the_latest_
     states = run.load_checkpoints()
     # rank 0 was killed after writing iteration 6 and before rank 1 ... and the other way round
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[2, 4], mine])
-    assert driver._common_checkpoint(states, World(1, 2), run)["iteration"] == 4
+    assert common_checkpoint(states, World(1, 2), run)["iteration"] == 4
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[], []])
-    assert driver._common_checkpoint({}, World(1, 2), run) is None
+    assert common_checkpoint({}, World(1, 2), run) is None
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [[0, 2], mine])
     with pytest.raises(RunError, match="share no iteration"):
-        driver._common_checkpoint(states, World(1, 2), run)
+        common_checkpoint(states, World(1, 2), run)
 
 
 @pytest.mark.parametrize("spec", ["none", "cap,ptm,plm"])
