@@ -7,7 +7,8 @@ import torch
 
 from baselines.harness import expert_cache
 from baselines.harness.datasets import Dataset
-from dm_plugins import ExpertPool, experts as experts_module
+from dm_plugins import ExpertPool
+from dm_plugins.experts import training as experts_module
 from dm_plugins.errors import ExpertError
 from tests.conftest import make_toy
 

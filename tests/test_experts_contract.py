@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 
-import dm_plugins.experts as experts_mod
+import dm_plugins.experts.training as experts_mod   # where experts are trained
 from dm_plugins import Expert, ExpertError, ExpertPool
 from dm_plugins.experts import _accuracy_text, train_expert
 from dm_plugins.seeding import derive_seed, make_generator
@@ -552,8 +552,8 @@ def test_device_placement_and_caches_on_cuda(toy, spy, tmp_path):
 
 
 def test_experts_train_where_the_factory_builds_its_networks(monkeypatch):
-    from dm_plugins import experts as experts_module
     from dm_plugins.experts import factory_device
+    from dm_plugins.experts import training as experts_module
     from tests.conftest import TinyNet
     assert factory_device(lambda: TinyNet(num_classes=2)) == torch.device("cpu")
     seen = []

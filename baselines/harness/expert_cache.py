@@ -1,5 +1,10 @@
-"""Experts for PTM/PLM: trained once per (dataset, architecture, epochs, seed), cached on disk,
-reused by every run and every baseline."""
+"""Experts for PTM/PLM: trained once per (dataset, architecture, epochs, seed, recipe), cached
+on disk, reused by every run and every baseline.
+
+A named recipe (:data:`RECIPES`) becomes one :class:`dm_plugins.experts.ExpertRecipe`
+(:func:`expert_recipe`); the pool's manifest records its settings and its hash, and reuse
+checks both. The cache directory keeps its readable name (:func:`cache_key`), so directories
+written before the hash existed are found and reused as they are."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +17,7 @@ from typing import Callable
 import torch
 
 from dm_plugins import ExpertPool
-from dm_plugins.experts import MANIFEST
+from dm_plugins.experts import MANIFEST, ExpertRecipe
 
 from .datasets import Dataset
 from .dsa import DSA, idc_per_image
@@ -49,11 +54,19 @@ def recipe_arguments(name: str, epochs: int, dataset: Dataset) -> dict:
     raise ValueError(f"unknown expert recipe {name!r}; choose from {', '.join(RECIPES)}")
 
 
+def expert_recipe(name: str, epochs: int, seed: int, dataset: Dataset) -> ExpertRecipe:
+    """Recipe ``name`` for ``epochs`` epochs and training seed ``seed``, as the
+    :class:`~dm_plugins.experts.ExpertRecipe` the pool is trained with, recorded and hashed."""
+    return ExpertRecipe(epochs=epochs, seed=seed, **recipe_arguments(name, epochs, dataset))
+
+
 def cache_key(dataset: str, arch: str, epochs: int, seed: int,
               recipe: str = DEFAULT_RECIPE) -> str:
     """A readable directory name for the cache entry (paths are shortened to a hash), with a
-    ``-<recipe>`` suffix for any recipe but ``ptlm`` (whose directories predate recipes). The number of experts is not part of
-    it: a cache grows expert by expert."""
+    ``-<recipe>`` suffix for any recipe but ``ptlm`` (whose directories predate recipes). The
+    number of experts is not part of it: a cache grows expert by expert. Nor is the recipe's
+    hash: (recipe name, epochs, seed) fix the recipe, and the manifest records its settings and
+    hash, checked on reuse, so directories named before the hash existed are still found."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", dataset).strip("-").lower()
     if dataset.startswith("imagefolder:"):
         path = os.path.abspath(dataset.split(":", 1)[1])
@@ -108,14 +121,13 @@ def load_or_train_experts(dataset: Dataset, arch: str, *, num_experts: int, epoc
     def factory():
         return get_network(arch, dataset.channels, dataset.num_classes, dataset.image_size)
 
-    settings = recipe_arguments(recipe, epochs, dataset)
+    training = expert_recipe(recipe, epochs, seed, dataset)
     path = Path(directory) if directory is not None else default_cache_dir(
         dataset.name, arch, epochs, seed, recipe)
     pool = ExpertPool.load_or_train(
         path, factory, dataset.train.images, dataset.train.labels, num_experts=num_experts,
-        epochs=epochs, seed=seed, **settings,
-        test_images=dataset.test.images, test_labels=dataset.test.labels, device=device,
-        progress=progress, channels_last=channels_last,
+        recipe=training, test_images=dataset.test.images, test_labels=dataset.test.labels,
+        device=device, progress=progress, channels_last=channels_last,
         meta={"dataset": dataset.name, "arch": arch, "num_classes": dataset.num_classes},
         log=log, rank=rank, world_size=world_size)
     log(f"experts: {len(pool)} x {arch} ({pool.describe()}), mean test accuracy "
