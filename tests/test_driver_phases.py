@@ -133,3 +133,20 @@ def test_default_callbacks_run_in_order_and_a_run_takes_its_own(tmp_path):
         progress = True  # bars, so no heartbeat lines
     kinds = [type(c) for c in default_callbacks(Opened(), start=0)]
     assert kinds == [NonFiniteGuard, MetricsRecord, Checkpoint, StopOnSignal]
+
+
+def test_a_host_attribute_the_spec_does_not_declare_is_refused(tmp_path):
+    class PixelHost(DMHost):
+        stores_pixels = True  # the older way to say it, which the driver no longer reads
+
+    def build(request):
+        config = request.config
+        return PixelHost(request.dataset.train, request.network_factory, request.syn_init,
+                         num_iterations=config["iterations"], batch_real=config["batch_real"],
+                         lr=config["lr_img"], momentum=config["momentum"],
+                         device=request.device)
+
+    spec = driver.MethodSpec(name="toy", description="toy", defaults=DEFAULTS,
+                             build_host=build, embedded_budget={})
+    with pytest.raises(TypeError, match="declare it on the MethodSpec"):
+        driver.main(spec, RUN + ["--out", str(tmp_path / "p")])

@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = [
     "dm_plugins/seeding.py", "dm_plugins/atomic.py", "dm_plugins/capacity.py",
     "dm_plugins/trajectory.py", "dm_plugins/pseudo_label.py", "dm_plugins/manager.py",
-    "dm_plugins/loop.py", "dm_plugins/synthetic.py", "dm_plugins/experts.py",
+    "dm_plugins/registry.py", "dm_plugins/loop.py", "dm_plugins/synthetic.py",
+    "dm_plugins/experts/recipe.py", "dm_plugins/experts/pool.py",
+    "dm_plugins/experts/storage.py", "dm_plugins/experts/training.py",
     "baselines/harness/factorization.py", "dm_plugins/augment.py",
     "baselines/harness/evaluation.py",
 ]

@@ -84,6 +84,16 @@ def host_request(run: "OpenRun", experts) -> HostRequest:
                        experts=experts if run.spec.needs_experts else None, shard=shard)
 
 
+def check_declared(spec, host) -> None:
+    """A TypeError when a host carries the older ``stores_pixels = True`` attribute that its
+    spec does not declare: the driver reads the spec only, and would save pixel-space images
+    as if they were normalised."""
+    if getattr(host, "stores_pixels", spec.stores_pixels) != spec.stores_pixels:
+        raise TypeError(f"{type(host).__name__}.stores_pixels is {host.stores_pixels} but "
+                        f"MethodSpec {spec.name!r} says stores_pixels={spec.stores_pixels}; "
+                        f"declare it on the MethodSpec")
+
+
 def common_checkpoint(states: dict[int, dict], world, run_dir) -> dict | None:
     """The state of the latest iteration every process has a checkpoint of (each keeps its
     latest and previous one), None when no process has one; a RunError (on every rank) when
@@ -133,6 +143,7 @@ def build_run(run: "OpenRun") -> BuiltRun:
     def set_up():
         experts = load_experts(run)
         host = call_build_host(run.spec.build_host, host_request(run, experts))
+        check_declared(run.spec, host)
         if not run.sharded:
             checkpoint = run.run_dir.load_checkpoint()
             return experts, host, {} if checkpoint is None else {0: checkpoint}
