@@ -4,7 +4,7 @@ from .capacity import CapacityMatching, capacity_keep_mask
 from .context import DistillContext
 from .data import ClassIndexedData, ClassIndexedTensors
 from .errors import ExpertError, PluginError
-from .experts import Expert, ExpertPool
+from .experts import Expert, ExpertPool, ExpertRecipe
 from .hookspecs import hookimpl, hookspec
 from .loop import DMHost, class_means
 from .options import PluginOption
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CapacityMatching", "PseudoTrajectoryMatching", "PseudoLabelMatching", "PluginSet",
-    "DistillContext", "DMHost", "ExpertPool", "Expert", "ClassIndexedData", "ClassIndexedTensors",
-    "PluginError", "ExpertError", "PluginOption", "hookimpl", "hookspec", "available_plugins",
-    "parse_plugin_names", "check_plugin_names", "class_means", "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
+    "DistillContext", "DMHost", "ExpertPool", "Expert", "ExpertRecipe", "ClassIndexedData",
+    "ClassIndexedTensors", "PluginError", "ExpertError", "PluginOption", "hookimpl", "hookspec",
+    "available_plugins", "parse_plugin_names", "check_plugin_names", "class_means",
+    "plugins_need_experts", "capacity_keep_mask", "injection_ratio", "__version__",
 ]
