@@ -2,8 +2,8 @@
 Lightning's ``Callback``: the non-finite guard, the metrics record, the heartbeat, the
 checkpoint and the stop on a signal (:func:`default_callbacks`, in that order).
 
-The host calls one function after every iteration (``host.run(callback=fn)``); :class:`Loop`
-is that function: it builds an :class:`IterationEnd` (in a run of several processes the ranks
+The host calls one function after every iteration (``host.run(callback=fn)``);
+:class:`AfterIteration` is that function: it builds an :class:`IterationEnd` (in a run of several processes the ranks
 first agree on whether to stop and whether the synthetic set is still finite, so every rank
 takes the same decisions) and hands it to each callback's ``on_iteration_end``.
 """
@@ -112,7 +112,7 @@ def default_callbacks(run: "OpenRun", start: int) -> list[Callback]:
     return [NonFiniteGuard(), MetricsRecord(), *beat, Checkpoint(), StopOnSignal()]
 
 
-class Loop:
+class AfterIteration:
     """The function the host calls after each iteration: the callbacks in order."""
 
     def __init__(self, run: "OpenRun", host, callbacks: Sequence[Callback]):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from .building import BuiltRun, build_run
-from .callbacks import Callback, Loop, default_callbacks
+from .callbacks import AfterIteration, Callback, default_callbacks
 from .opening import OpenRun, open_run
 from .spec import MethodSpec
 
@@ -80,7 +80,7 @@ def distil(run: OpenRun, built: BuiltRun, callbacks: Sequence[Callback] | None =
     started = time.perf_counter()
     run.stop.in_loop = True
     try:
-        stored = host.run(callback=Loop(run, host, callbacks), progress=run.progress)
+        stored = host.run(callback=AfterIteration(run, host, callbacks), progress=run.progress)
     finally:
         run.stop.in_loop = False
     if run.spec.stores_pixels:  # e.g. DANCE: pixel space -> normalised

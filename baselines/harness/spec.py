@@ -94,7 +94,9 @@ def call_build_host(build_host: Callable[..., Host], request: HostRequest) -> Ho
     syn_init, plugins, config, device, channels_last, [experts=, shard=])`` still works, with a
     DeprecationWarning."""
     parameters = inspect.signature(build_host).parameters
-    if len(parameters) == 1:
+    required = [p for p in parameters.values() if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) <= 1:
         return build_host(request)
     warnings.warn("build_host(dataset, network_factory, ...) is deprecated: take one "
                   "HostRequest (baselines.harness.spec)", DeprecationWarning, stacklevel=2)
