@@ -3,9 +3,10 @@ Lightning's ``Callback``: the non-finite guard, the metrics record, the heartbea
 checkpoint and the stop on a signal (:func:`default_callbacks`, in that order).
 
 The host calls one function after every iteration (``host.run(callback=fn)``);
-:class:`AfterIteration` is that function: it builds an :class:`IterationEnd` (in a run of several processes the ranks
-first agree on whether to stop and whether the synthetic set is still finite, so every rank
-takes the same decisions) and hands it to each callback's ``on_iteration_end``.
+:class:`AfterIteration` is that function: it builds an :class:`IterationEnd` (in a run of
+several processes the ranks first agree on whether to stop and whether the synthetic set is
+still finite, so every rank takes the same decisions) and hands it to each callback's
+``on_iteration_end``.
 """
 from __future__ import annotations
 

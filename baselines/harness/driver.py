@@ -39,7 +39,8 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
 
     Launched by ``torchrun`` with ``WORLD_SIZE > 1``, a method whose spec ``shards_classes``
     runs class-sharded (each rank its own classes; rank 0 writes the run directory, see
-    :func:`baselines.harness.phases.run`); any other method is refused with one line before any work."""
+    :func:`baselines.harness.phases.run`); any other method is refused with one line before
+    any work."""
     from .errors import USER_ERRORS
     try:
         args, explicit = parse_args(spec, argv)
