@@ -202,35 +202,3 @@ def load_dataset(name: str, data_path: str | None = None, download: bool = True)
     if loader is not None:
         return loader(key, data_path, download)
     raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
-
-
-# ---------------------------------------------------------------- names that moved, still here
-_MOVED = {
-    "_TORCHVISION": ("dataset_loaders", "_TORCHVISION"),
-    "_normalize_": ("dataset_loaders", "_normalize_"),
-    "_channel_stats": ("dataset_loaders", "_channel_stats"),
-    "_make": ("dataset_loaders", "_make"),
-    "_load_digits": ("dataset_loaders", "_load_digits"),
-    "_load_torchvision": ("dataset_loaders", "_load_torchvision"),
-    "_load_tinyimagenet": ("dataset_loaders", "_load_tinyimagenet"),
-    "_imagenet_wnids": ("dataset_loaders", "_imagenet_wnids"),
-    "_load_imagenet_subset": ("dataset_loaders", "_load_imagenet_subset"),
-    "_load_imagefolder": ("dataset_loaders", "_load_imagefolder"),
-    "_IMAGE_EXTENSIONS": ("image_files", "IMAGE_EXTENSIONS"),
-    "_GRAY_MODES": ("image_files", "_GRAY_MODES"),
-    "_pixels_uint8_to_float": ("image_files", "pixels_uint8_to_float"),
-    "_list_images": ("image_files", "list_images"),
-    "_decode_images": ("image_files", "decode_images"),
-    "_resize_square": ("image_files", "resize_square"),
-    "_read_lines": ("image_files", "read_lines"),
-}
-"""Private helpers that lived here before the loaders moved out: ``from .datasets import
-_list_images`` (and the rest) keeps working, resolved on first access (no import cycle)."""
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        module, attr = _MOVED[name]
-        return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
