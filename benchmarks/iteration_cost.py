@@ -47,7 +47,7 @@ image steps).
 
 ``--chunk-sweep 8,16,32,...`` times only the no-graph real forward of ``batch_real`` images per
 class under a random extractor at each chunk size (round-robin, median) and prints it: the
-measurement behind :data:`dm_plugins.loop.DEFAULT_REAL_CHUNK`.
+measurement behind :func:`dm_plugins.chunking.default_real_chunk`.
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of the process,
 reset before each iteration through /proc/self/clear_refs (Linux); a variant's number is the
