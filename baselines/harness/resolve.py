@@ -95,7 +95,7 @@ def resolve_config(spec: MethodSpec, args: argparse.Namespace, dataset: "Dataset
         if dest not in BY_DEST and not _not_a_setting(dest) and dest not in config:
             config[dest] = value
     config["sources"] = {config_key(dest): source for dest, source in sources.items()
-                         if not _not_a_setting(dest) and dest != "preset"}
+                         if not _not_a_setting(dest)}
     return config
 
 
@@ -132,7 +132,7 @@ def required_keys(spec: MethodSpec) -> set[str]:
     from .plugin_flags import plugin_option_table
     options = {option.key(plugin) for plugin, option in plugin_option_table()}
     keys = {config_key(a.dest) for a in build_parser(spec)._actions
-            if a.dest != "help" and not _not_a_setting(a.dest) and a.dest != "preset"}
+            if a.dest != "help" and not _not_a_setting(a.dest)}
     return (keys | {"method"}) - options - OPTIONAL_ON_RESUME
 
 
