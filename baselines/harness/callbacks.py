@@ -1,6 +1,7 @@
 """What happens after each distillation iteration, as callbacks in the manner of PyTorch
 Lightning's ``Callback``: the non-finite guard, the metrics record, the heartbeat, the
-checkpoint and the stop on a signal (:func:`default_callbacks`, in that order).
+checkpoint and the stop on a signal (:func:`default_callbacks`, in that order), with the snapshot
+evaluation of :mod:`baselines.harness.snapshots` before the checkpoint when the run has one.
 
 The host calls one function after every iteration (``host.run(callback=fn)``);
 :class:`AfterIteration` is that function: it builds an :class:`IterationEnd` (in a run of
@@ -107,10 +108,14 @@ class StopOnSignal(Callback):
             raise KeyboardInterrupt
 
 
-def default_callbacks(run: "OpenRun", start: int) -> list[Callback]:
-    """The driver's callbacks, in the order they run."""
+def default_callbacks(run: "OpenRun", start: int, snapshots: Callback | None = None
+                      ) -> list[Callback]:
+    """The driver's callbacks, in the order they run; ``snapshots`` (the
+    :class:`~baselines.harness.snapshots.SnapshotEvaluation` of a run with ``--eval-at``) goes
+    before the checkpoint, so a checkpoint at t implies the snapshots up to t."""
     beat = [] if run.progress else [HeartbeatLines(run, start)]
-    return [NonFiniteGuard(), MetricsRecord(), *beat, Checkpoint(), StopOnSignal()]
+    kept = [snapshots] if snapshots is not None else []
+    return [NonFiniteGuard(), MetricsRecord(), *beat, *kept, Checkpoint(), StopOnSignal()]
 
 
 class AfterIteration:

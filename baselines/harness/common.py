@@ -75,16 +75,21 @@ def synthetic_labels(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def save_synthetic(run_dir, dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor: int,
-                   method: str, plugins: list[str], config: dict, seed: int) -> None:
-    """Write ``synthetic.pt`` (pixel space) and ``grid.png`` (decoded images) in the run dir."""
+                   method: str, plugins: list[str], config: dict, seed: int,
+                   path=None, grid_path=None, extra_meta: dict | None = None) -> None:
+    """Write ``synthetic.pt`` (pixel space) and ``grid.png`` (decoded images) in the run dir;
+    ``path`` / ``grid_path`` write them elsewhere (a snapshot: ``grid_path`` None writes no
+    grid), ``extra_meta`` adds to the set's meta."""
     labels = synthetic_labels(dataset.num_classes, ipc)
     pixels = dataset.denormalize(stored.detach().cpu()).clamp(0, 1)
-    save_synset(run_dir.synset_path, pixels, labels, {
+    save_synset(path or run_dir.synset_path, pixels, labels, {
         "dataset": dataset.name, "mean": list(dataset.mean), "std": list(dataset.std),
         "ipc": ipc, "factor": factor, "method": method, "plugins": plugins, "config": config,
-        "seed": seed, "num_classes": dataset.num_classes})
+        "seed": seed, "num_classes": dataset.num_classes, **(extra_meta or {})})
+    if path is not None and grid_path is None:
+        return
     decoded, decoded_labels = decode(pixels, labels, factor) if factor > 1 else (pixels, labels)
-    save_grid(run_dir.grid_path, decoded.clamp(0, 1), decoded_labels)
+    save_grid(grid_path or run_dir.grid_path, decoded.clamp(0, 1), decoded_labels)
 
 
 def evaluate_stored(dataset: Dataset, stored: torch.Tensor, *, ipc: int, factor: int,

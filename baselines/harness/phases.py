@@ -7,6 +7,10 @@
 4. :func:`save`: ``synthetic.pt``, ``grid.png``, ``curves.png``;
 5. :func:`evaluate`: train networks on the synthetic set, write ``results.json``.
 
+With ``--eval-at`` / ``--eval-every`` the set is also kept and evaluated at those iterations
+(:mod:`baselines.harness.snapshots`): a resumed run first evaluates the points it passed
+without an evaluation, then distils on.
+
 In a run of several processes (``world.distributed``) every rank runs every phase on its own
 classes; rank 0 alone writes the run directory, and the ranks meet where noted.
 """
@@ -21,6 +25,7 @@ import torch
 from .building import BuiltRun, build_run
 from .callbacks import AfterIteration, Callback, default_callbacks
 from .opening import OpenRun, open_run
+from .snapshots import SnapshotEvaluation, curve_with_final, evaluate_set, snapshot_points
 from .spec import MethodSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +64,10 @@ def run(spec: MethodSpec, args: argparse.Namespace,
         stop.checkpoint = built.host.iteration
         opened.log(f"resumed at iteration {built.host.iteration} of "
                    f"{opened.config['iterations']}")
-    stored = distil(opened, built, callbacks)
+    snapshots = SnapshotEvaluation(opened) if snapshot_points(opened.config) else None
+    if snapshots is not None:
+        snapshots.catch_up(opened, built.host)
+    stored = distil(opened, built, callbacks, snapshots)
     if opened.main_rank:
         save(opened, stored)
     if opened.config["eval_runs"] > 0:
@@ -67,16 +75,17 @@ def run(spec: MethodSpec, args: argparse.Namespace,
     return 0
 
 
-def distil(run: OpenRun, built: BuiltRun, callbacks: Sequence[Callback] | None = None
-           ) -> torch.Tensor:
+def distil(run: OpenRun, built: BuiltRun, callbacks: Sequence[Callback] | None = None,
+           snapshots: SnapshotEvaluation | None = None) -> torch.Tensor:
     """The host's loop from its iteration to the end; the whole stored set, normalised, in
-    class order (gathered from every rank in a run of several processes)."""
+    class order (gathered from every rank in a run of several processes). ``snapshots`` joins
+    the default callbacks (``callbacks`` replace them, snapshots included)."""
     from dm_plugins import distributed
 
     from .runs import peak_memory_mb
     host = built.host
     if callbacks is None:
-        callbacks = default_callbacks(run, start=host.iteration)
+        callbacks = default_callbacks(run, start=host.iteration, snapshots=snapshots)
     started = time.perf_counter()
     run.stop.in_loop = True
     try:
@@ -112,25 +121,27 @@ def save(run: OpenRun, stored: torch.Tensor) -> None:
 def evaluate(run: OpenRun, built: BuiltRun, stored: torch.Tensor) -> None:
     """The evaluation runs (dealt over the ranks), then ``results.json`` (rank 0): the first
     architecture's summary, every architecture's under ``per_arch``, the run's identity and
-    the experts' test accuracy."""
+    the experts' test accuracy; with snapshots also ``curve``, the final set's evaluation
+    taken from its snapshot (it is the same set) rather than run twice."""
     from dm_plugins import distributed
 
-    from .common import evaluate_stored
+    from .snapshots import read_point
     config = run.config
-    results = evaluate_stored(
-        run.dataset, stored, ipc=config["ipc"], factor=config["factor"],
-        archs=config["eval_arch"], runs=config["eval_runs"], epochs=config["eval_epochs"],
-        protocol=config["eval_protocol"], seed=config["seed"], device=run.device,
-        progress=run.progress, channels_last=run.channels_last,
-        compile=config.get("eval_compile", False), log=run.log, rank=run.world.rank,
-        world_size=run.world.world_size, gather=distributed.all_gather_object)
+    summary = None
+    if run.main_rank and config["iterations"] in snapshot_points(config):
+        summary = read_point(run.run_dir.snapshot_result_path(config["iterations"]))
+    have = distributed.broadcast_object(summary is not None) if run.sharded else (
+        summary is not None)
+    if not have:
+        summary = evaluate_set(run, stored)
     if not run.main_rank:
         return
-    summary = dict(results[0])
-    summary["per_arch"] = results
+    summary.pop("iteration", None)
     summary.update({"method": config["method"], "plugins": config["plugins"],
                     "ipc": config["ipc"], "dataset": run.dataset.name,
                     "iterations": config["iterations"]})
+    if snapshot_points(config):
+        summary["curve"] = curve_with_final(run, summary)
     if "preset" in config:
         summary["preset"] = config["preset"]
     if built.experts is not None:

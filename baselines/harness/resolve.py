@@ -16,7 +16,7 @@ COMMAND_LINE = "command line"
 EMBEDDED_SOURCE = "embedded dataset"
 
 OPTIONAL_ON_RESUME = frozenset({"preset", "experts", "expert_seed", "expert_recipe",
-                                "eval_compile", "world_size", "environment", "sources"})
+                                "eval_compile", "eval_at", "eval_every", "world_size", "environment", "sources"})
 """Keys a run's config.json may lack and still resume (read with a default: runs written before
 they existed); every other setting of the method must be there."""
 

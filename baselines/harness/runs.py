@@ -12,7 +12,10 @@ A run directory holds::
     synthetic.pt     the synthetic set (harness file format, see synset.py)
     grid.png         image grid, one row per class
     curves.png       loss parts and real_kept over iterations (from metrics.jsonl)
-    results.json     evaluation: accuracy_mean, accuracy_std, accuracies, arch, protocol
+    results.json     evaluation: accuracy_mean, accuracy_std, accuracies, arch, protocol;
+                     with --eval-at / --eval-every also ``curve``, one point per snapshot
+    snapshots/       with --eval-at / --eval-every: iter-<t>.pt, the set after t iterations
+                     (synthetic.pt's format), and iter-<t>.json, its evaluation
     .lock            while a process distils or evaluates in it (see dir_lock.py): a second
                      process on the same directory is refused
 """
@@ -102,6 +105,15 @@ class RunDir:
     grid_path = property(lambda self: self.path / "grid.png")
     curves_path = property(lambda self: self.path / "curves.png")
     results_path = property(lambda self: self.path / "results.json")
+    snapshots_path = property(lambda self: self.path / "snapshots")
+
+    def snapshot_set_path(self, iteration: int) -> Path:
+        """The set kept after ``iteration`` iterations (``--eval-at``)."""
+        return self.snapshots_path / f"iter-{int(iteration):06d}.pt"
+
+    def snapshot_result_path(self, iteration: int) -> Path:
+        """The evaluation of :meth:`snapshot_set_path` (written once it is complete)."""
+        return self.snapshots_path / f"iter-{int(iteration):06d}.json"
 
     @classmethod
     def create(cls, path: str | Path, config: dict, rank: int = 0,

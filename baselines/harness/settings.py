@@ -37,6 +37,26 @@ def _plugin_names(value: Any, values: dict) -> list[str]:
     return check_plugin_names(list(value) if isinstance(value, (list, tuple)) else value)
 
 
+def _iteration_list(text: str) -> list[int]:
+    """``--eval-at``'s argparse type: ``"0,250,500"`` -> ``[0, 250, 500]`` (an empty string, no
+    points); a part that is not a whole number >= 0 is an argparse error (one line, exit 2)."""
+    import argparse
+    points = []
+    for part in (s.strip() for s in str(text).split(",")):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"not an iteration (a whole number >= 0): {part!r}")
+        points.append(int(part))
+    return sorted(set(points))
+
+
+def _iterations_written(value: Any, values: dict) -> Any:
+    if isinstance(value, str):
+        return _iteration_list(value)
+    return sorted(set(value)) if isinstance(value, (list, tuple)) else value
+
+
 def _joined(value: Any) -> Any:
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
@@ -170,6 +190,13 @@ SETTINGS: tuple[Setting, ...] = (
             "0.5); dsa-cutmix: dm plus CutMix p 0.5 (called dance before 2026-12-04)",
             default=lambda spec: spec.defaults.get("eval_protocol", "dm"),
             choices=("dm", "dance", "dsa-cutmix")),
+    Setting("eval_at", "comma list of iterations whose synthetic set is kept "
+            "(RUN/snapshots/) and evaluated like the final one, for an accuracy-vs-iteration "
+            "curve in results.json; 0 is the initial set", type=_iteration_list, default="",
+            metavar="T1,T2,...", write=_iterations_written, read=_joined),
+    Setting("eval_every", "also keep and evaluate the set every N iterations (0, N, 2N, ... "
+            "and the last), as the original DM code does with N = 2000; 0: none", type=int,
+            default=0, metavar="N"),
     Setting("channels_last", "channels-last memory format for the networks; auto = on for CPU "
             "(measured faster, see docs/benchmarks.md), off for CUDA", default="auto",
             choices=("auto", "on", "off")),

@@ -37,7 +37,7 @@ SHARED_CHECKS: dict[str, str] = {
     "iterations": "positive", "batch_real": "positive", "factor": "positive",
     "lr_img": "positive_float", "momentum": "momentum", "num_experts": "positive",
     "expert_epochs": "positive", "eval_runs": "nonnegative", "eval_epochs": "positive",
-    "checkpoint_every": "positive", "log_every": "positive",
+    "checkpoint_every": "positive", "log_every": "positive", "eval_every": "nonnegative",
 }
 """The rules every method's config obeys (the plugins' options are checked by what each plugin
 declares, ``baselines/harness/plugin_flags.py``)."""
@@ -71,6 +71,7 @@ def check_config(config: Mapping[str, Any], checks: Mapping[str, str] = (), *,
     if config.get("eval_runs", 0) > 0 and not config.get("eval_arch"):
         raise UsageError("--eval-arch names no network; give one (e.g. convnet) or "
                          "--eval-runs 0")
+    check_snapshots(config)
     device = str(config.get("device", "auto"))
     if not _DEVICE.match(device):
         raise UsageError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
@@ -80,6 +81,24 @@ def check_config(config: Mapping[str, Any], checks: Mapping[str, str] = (), *,
     for key, path in (("out", out), ("experts", config.get("experts"))):
         if path and Path(path).exists() and not Path(path).is_dir():
             raise UsageError(f"{_flag(key)} {path} is a file; give a directory")
+
+
+def check_snapshots(config: Mapping[str, Any]) -> None:
+    """``--eval-at`` / ``--eval-every``: whole iterations in ``0..--iterations``, and evaluation
+    runs to evaluate them with."""
+    points = config.get("eval_at") or []
+    if not isinstance(points, list) or not all(_is_number(p) and p == int(p) and p >= 0
+                                               for p in points):
+        raise UsageError(f"--eval-at must list whole iterations >= 0, got {points!r}")
+    iterations = config.get("iterations")
+    late = [p for p in points if _is_number(iterations) and p > iterations]
+    if late:
+        raise UsageError(f"--eval-at {late[0]} is past the run's last iteration "
+                         f"(--iterations {iterations}); give points in 0..{iterations}")
+    if (points or config.get("eval_every")) and config.get("eval_runs", 0) < 1:
+        flag = "--eval-at" if points else "--eval-every"
+        raise UsageError(f"{flag} needs evaluation runs to evaluate its points; give "
+                         f"--eval-runs >= 1")
 
 
 class OneLineParser(argparse.ArgumentParser):
