@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   "another tool: an ImageFolder directory (class folders of "
                                   "images, e.g. from baselines/export.py --to imagefolder) or "
                                   "an original DM res_*.pt file")
+    p.add_argument("--snapshot", type=int, default=None, metavar="T",
+                   help="evaluate the run's snapshot after T iterations (RUN/snapshots/, kept "
+                        "by --eval-at / --eval-every) instead of its final set; the results go "
+                        "to RUN/snapshots/evaluations/")
     p.add_argument("--dataset", default=None,
                    help="the real dataset of an imported set (ImageFolder or res_*.pt without an "
                         "export.json beside it); ignored for our own synthetic.pt")
@@ -171,12 +175,28 @@ def follow_the_run(args: argparse.Namespace, path: Path) -> dict:
     return sources
 
 
-def next_evaluation_path(folder: Path) -> Path:
-    """``folder/evaluations/evaluation-<n>.json`` with the first unused n (never overwrites)."""
+def next_evaluation_path(folder: Path, stem: str = "evaluation") -> Path:
+    """``folder/evaluations/<stem>-<n>.json`` with the first unused n (never overwrites)."""
     n = 1
-    while (folder / "evaluations" / f"evaluation-{n}.json").exists():
+    while (folder / "evaluations" / f"{stem}-{n}.json").exists():
         n += 1
-    return folder / "evaluations" / f"evaluation-{n}.json"
+    return folder / "evaluations" / f"{stem}-{n}.json"
+
+
+def snapshot_path(run: Path, iteration: int) -> Path:
+    """The set a run kept after ``iteration`` iterations (``RUN`` or ``RUN/synthetic.pt``
+    names the run); a CLIError naming the points it has when there is none."""
+    from baselines.harness.runs import RunDir
+    folder = run.parent if run.is_file() else run
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"--snapshot needs a run directory; {run} is not one")
+    path = RunDir(folder).snapshot_set_path(iteration)
+    if not path.is_file():
+        have = sorted(int(p.stem.split("-")[1]) for p in folder.glob("snapshots/iter-*.pt"))
+        hint = (f"it has {', '.join(map(str, have))}" if have else
+                "it kept none (run it with --eval-at or --eval-every)")
+        raise CLIError(f"{folder} has no snapshot at iteration {iteration}; {hint}")
+    return path
 
 
 def main(argv=None) -> int:
@@ -190,7 +210,10 @@ def main(argv=None) -> int:
         if args.protocol not in PROTOCOLS:
             raise CLIError(f"the run's evaluation protocol {args.protocol!r} is unknown here; "
                            f"give --protocol")
-        synset, out_path = load_any_set(Path(args.synset), args.dataset, args.data_path)
+        where = Path(args.synset)
+        if args.snapshot is not None:
+            where = snapshot_path(where, args.snapshot)
+        synset, out_path = load_any_set(where, args.dataset, args.data_path)
         meta = synset.meta
         if synset.images.shape[0] == 0:
             raise CLIError(f"{args.synset} holds no images; there is nothing to evaluate")
@@ -248,14 +271,15 @@ def main(argv=None) -> int:
     for arch, r in results.items():
         print(f"{arch:<{width}} | {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:5.2f} | {r['runs']}")
 
-    evaluation = next_evaluation_path(out_path.parent)
+    evaluation = next_evaluation_path(out_path.parent, "evaluation" if args.snapshot is None
+                                      else f"iter-{args.snapshot:06d}")
     first = results[archs[0]]
     atomic_write_json(evaluation, {  # the schema of a run's results.json
         **first, "arch": archs[0], "per_arch": [{**r, "arch": a} for a, r in results.items()],
         "method": meta.get("method"), "plugins": meta.get("plugins"), "ipc": meta.get("ipc"),
         "dataset": meta["dataset"], "iterations": (meta.get("config") or {}).get("iterations"),
         "preset": (meta.get("config") or {}).get("preset"), "synset": str(
-            Path(args.synset).resolve()), "settings_from": sources,
+            where.resolve()), "settings_from": sources, "snapshot": args.snapshot,
         "eval_code_version": code_version()})
     print(f"wrote {evaluation}")
     merged = {**_read_existing(out_path), **results}

@@ -17,6 +17,10 @@ Takes distillation run directories (``config.json``, ``results.json``, ``metrics
 * ``curves.png``: every loss part (``metrics.jsonl`` keys starting with ``loss``) and
   ``real_kept`` over iterations, one line per run;
 * ``grids.png``: the runs' ``grid.png`` side by side, titled with the run;
+* ``accuracy_vs_iteration.png`` and a curve table in ``report.md``, when some run kept
+  snapshots (``--eval-at`` / ``--eval-every``): test accuracy against distillation iteration,
+  one line per run with a shaded mean ± std band over its evaluation runs (a run still
+  distilling shows the points it has);
 * with ``--vs KEY``, ``accuracy_vs_<KEY>.png``: accuracy (mean ± std) against a number every
   run records, one line per plugin subset. KEY is a numeric ``config.json`` value
   (``iterations``, ``ipc``, ``expert_epochs``, ...) or ``expert_accuracy`` (the mean test
@@ -57,6 +61,7 @@ class RunSummary:
     expert_accuracy: list[float] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)
 
     @property
     def grid(self) -> Path:
@@ -122,6 +127,7 @@ def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
     run's row with that evaluation's accuracy. A run without ``results.json`` shows its latest
     re-evaluation."""
     from baselines.harness.plots import read_metrics
+    from baselines.harness.snapshots import read_curve
     from baselines.harness.synset import load_synset
     path = Path(path)
     evaluation = None
@@ -161,7 +167,33 @@ def summarize(path: str | os.PathLike, label: str | None = None) -> RunSummary:
         run.accuracy_mean = result.get("accuracy_mean")
         run.accuracy_std = result.get("accuracy_std")
     run.metrics = read_metrics(path / "metrics.jsonl")
+    run.curve = (result or {}).get("curve") if evaluation is None else None
+    run.curve = run.curve or read_curve(path)
     return run
+
+
+def curve_series(runs: list[RunSummary]) -> dict[str, list[tuple[float, float, float]]]:
+    """Run label -> ``(iteration, mean, std)`` of its evaluated snapshots (runs with none are
+    left out), for :func:`~baselines.harness.plots.plot_accuracy_curves`."""
+    return {run.label: [(float(p["iteration"]), float(p["accuracy_mean"]),
+                         float(p.get("accuracy_std") or 0.0)) for p in run.curve
+                        if isinstance(p.get("accuracy_mean"), (int, float))]
+            for run in runs if run.curve}
+
+
+def curve_table(runs: list[RunSummary]) -> str:
+    """A markdown table of the curves: one row per iteration, one column per run."""
+    series = curve_series(runs)
+    iterations = sorted({int(x) for points in series.values() for x, _, _ in points})
+    lines = ["| iteration | " + " | ".join(series) + " |",
+             "|---:|" + "---:|" * len(series)]
+    for it in iterations:
+        row = []
+        for points in series.values():
+            hit = [f"{m:.2f} ± {s:.2f}" for x, m, s in points if int(x) == it]
+            row.append(hit[0] if hit else "-")
+        lines.append(f"| {it} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(runs: list[RunSummary]) -> str:
@@ -173,14 +205,20 @@ def markdown_table(runs: list[RunSummary]) -> str:
 
 def render(runs: list[RunSummary], out: Path) -> list[Path]:
     """Write report.md, curves.png and grids.png (grids only when some run has a grid.png)."""
-    from baselines.harness.plots import plot_curves, plot_grids
+    from baselines.harness.plots import plot_accuracy_curves, plot_curves, plot_grids
     from dm_plugins.atomic import atomic_write_bytes
     out.mkdir(parents=True, exist_ok=True)
     text = ("# Run report\n\nAccuracy: final-epoch test accuracy (%) of the first evaluated "
             "architecture, mean ± std over n evaluation runs; experts' accuracy: their test "
             "accuracy (%), mean (each).\n\n" + markdown_table(runs))
-    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
     written = [out / "report.md", out / "curves.png"]
+    series = curve_series(runs)
+    if series:
+        text += ("\n## Accuracy against iteration\n\nEach run's snapshots: test accuracy (%), "
+                 "mean ± std over its evaluation runs.\n\n" + curve_table(runs))
+        plot_accuracy_curves(series, out / "accuracy_vs_iteration.png")
+        written.append(out / "accuracy_vs_iteration.png")
+    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
     plot_curves([(run.label, run.metrics) for run in runs], out / "curves.png")
     grids = [(run.label, run.grid) for run in runs if run.grid.is_file()]
     if grids:

@@ -123,6 +123,30 @@ def plot_accuracy_vs(series: Mapping[str, Sequence[tuple[float, float, float]]],
     save_figure(fig, path)
 
 
+def plot_accuracy_curves(series: Mapping[str, Sequence[tuple[float, float, float]]],
+                         path: str | os.PathLike, title: str | None = None) -> None:
+    """``series`` = label -> ``(iteration, accuracy mean, std)`` points: one line per label
+    with a shaded mean +- std band (test accuracy against distillation iteration)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for label, points in series.items():
+        if not points:
+            continue
+        xs, means, stds = (list(v) for v in zip(*sorted(points)))
+        line, = ax.plot(xs, means, marker="o", markersize=3, label=label)
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
+                        [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("distillation iteration")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize="small")
+    ax.grid(alpha=0.3)
+    if len(series) <= _MAX_LEGEND:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_grids(grids: Sequence[tuple[str, str | os.PathLike]], path: str | os.PathLike) -> None:
     """``grids`` = ``(title, image file)`` pairs, drawn side by side (up to 4 a row)."""
     from matplotlib import image as mpimg
