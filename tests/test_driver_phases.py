@@ -57,7 +57,7 @@ def test_every_row_of_the_table_is_a_flag_and_every_recorded_row_a_config_key():
             assert config["sources"][row.config_key]
     assert "nproc_per_node" not in vars(args)  # the toy does not shard classes
     assert required_keys(TOY) >= {row.config_key for row in SETTINGS if row.record} - {
-        "experts", "expert_seed", "expert_recipe", "eval_compile"}
+        "experts", "expert_seed", "expert_recipe", "eval_compile", "eval_at", "eval_every"}
 
 
 @pytest.mark.parametrize("dest,parsed,recorded", [
