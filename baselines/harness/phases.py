@@ -25,7 +25,8 @@ import torch
 from .building import BuiltRun, build_run
 from .callbacks import AfterIteration, Callback, default_callbacks
 from .opening import OpenRun, open_run
-from .snapshots import SnapshotEvaluation, curve_with_final, evaluate_set, snapshot_points
+from .snapshots import (SnapshotEvaluation, curve_with_final, evaluate_set, read_point,
+                        snapshot_points)
 from .spec import MethodSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,15 +125,11 @@ def evaluate(run: OpenRun, built: BuiltRun, stored: torch.Tensor) -> None:
     the experts' test accuracy; with snapshots also ``curve``, the final set's evaluation
     taken from its snapshot (it is the same set) rather than run twice."""
     from dm_plugins import distributed
-
-    from .snapshots import read_point
     config = run.config
     summary = None
     if run.main_rank and config["iterations"] in snapshot_points(config):
         summary = read_point(run.run_dir.snapshot_result_path(config["iterations"]))
-    have = distributed.broadcast_object(summary is not None) if run.sharded else (
-        summary is not None)
-    if not have:
+    if not distributed.broadcast_object(summary is not None):  # rank 0 read it or not
         summary = evaluate_set(run, stored)
     if not run.main_rank:
         return
