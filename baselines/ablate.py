@@ -17,8 +17,9 @@ All cells share one expert pool: ``--expert-seed`` (default: the first seed) is 
 
 A rerun of the same command resumes: a cell with ``results.json`` is read back, a cell with a
 run directory but no results continues with ``--resume``, the others start. ``OUT/ablation.json``
-records the settings; another command on the same ``OUT`` is refused, and so is a second runner
-while one is running there (``OUT/.lock``). ``--jobs N`` runs N cells
+records the settings; another command on the same ``OUT`` is refused (one that only adds seeds
+or subsets grows the ablation by those cells), and so is a second runner while one is running
+there (``OUT/.lock``). ``--jobs N`` runs N cells
 at once (each with ``OMP_NUM_THREADS`` = cores // N unless set); when the expert pool is not
 in the cache yet, the first cell that needs experts runs alone, so the pool is trained once.
 
@@ -28,7 +29,10 @@ in %, mean ± population std over all evaluation runs of all seeds, and n, their
 ``OUT/ablation.png`` (the same as bars with ± std error bars). Exit 0 when every cell finished,
 1 when some failed (their logs are named), 2 for bad input (before any work). The three files
 are rewritten after every finished cell (and on Ctrl-C), with the unfinished cells named, so a
-long ablation can be read while it runs.
+long ablation can be read while it runs. Cells with snapshots (``--eval-every``) add
+``OUT/curves.csv`` and ``OUT/curves.png``, partial cells included; ``ablation.md`` ends with each
+cell's progress and the CPU-hours left. ``--status OUT`` rewrites the tables and prints those
+sections without starting anything.
 
 Stopping: Ctrl-C or SIGTERM to the runner (only to it: each cell runs in its own session, out of
 the terminal's reach) starts no further cell and passes the signal once to each running cell,
@@ -54,6 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # the cells' names, paths and results, and the tables: importable from here as before
+from baselines.harness.common import UsageError  # noqa: E402
 from baselines.harness.ablation import (Cell, collect, markdown, read_results,  # noqa: E402,F401
                                         subset_name, summarize, write_outputs)
 
@@ -73,15 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=DefaultsOnceFormatter,
                       allow_abbrev=False,
                       epilog="Any other flag is passed to baselines/<method>.py for every cell.")
-    p.add_argument("--method", choices=METHODS, required=True, help="the distillation method")
+    p.add_argument("--method", choices=METHODS, help="the distillation method (required)")
     p.add_argument("--plugins", default="cap,ptm,plm",
                    help="plugins whose every subset is a row")
     p.add_argument("--subsets", default=None,
                    help="';'-separated plugin subsets instead of all of them, e.g. "
                         "\"none;cap;cap,ptm\"")
     p.add_argument("--seeds", default="0", help="comma list of run seeds")
-    p.add_argument("--out", required=True, help="the ablation directory")
+    p.add_argument("--out", help="the ablation directory (required)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once")
+    p.add_argument("--status", metavar="OUT", default=None,
+                   help="print how far the ablation in OUT is (cells, curves, what remains, "
+                        "in CPU-hours) and rewrite its tables; starts nothing")
     return p
 
 
@@ -95,7 +103,6 @@ def expand_subsets(plugins: list[str]) -> list[list[str]]:
 def parse_subsets(text: str) -> list[list[str]]:
     """``"none;cap;cap,ptm"`` -> ``[[], ["cap"], ["cap", "ptm"]]`` (names checked; an empty
     entry or a subset listed twice is a UsageError)."""
-    from baselines.harness.common import UsageError
     from dm_plugins import check_plugin_names
     subsets, seen = [], set()
     for entry in text.split(";"):
@@ -111,7 +118,6 @@ def parse_subsets(text: str) -> list[list[str]]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    from baselines.harness.common import UsageError
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -199,9 +205,22 @@ def cell_env(jobs: int) -> dict:
 
 
 # -- settings and the ablation directory ------------------------------------------------------
+GROWABLE = ("seeds", "subsets")
+"""Settings a rerun may extend: the recorded seeds and subsets stay, new ones are added."""
+
+
+def grows(recorded: dict, settings: dict) -> bool:
+    """Whether ``settings`` equal ``recorded`` but for more seeds or subsets (every recorded
+    one kept), so the ablation directory can grow by cells."""
+    others = (set(recorded) | set(settings)) - set(GROWABLE)
+    return (all(recorded.get(k) == settings.get(k) for k in others)
+            and all(isinstance(recorded.get(k), list) and set(recorded[k]) <= set(settings[k])
+                    for k in GROWABLE))
+
+
 def check_out(out: Path, settings: dict) -> None:
-    """``out`` is new, empty, or an ablation directory of the same settings."""
-    from baselines.harness.common import UsageError
+    """``out`` is new, empty, or an ablation directory of the same settings, or of settings
+    that :func:`grows` into these (more seeds or subsets, everything else the same)."""
     from baselines.harness.dir_lock import LOCK_NAME
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory")
@@ -211,12 +230,13 @@ def check_out(out: Path, settings: dict) -> None:
             recorded = json.loads(record.read_text()).get("settings")
         except (OSError, ValueError, AttributeError):
             raise UsageError(f"{record} is unreadable; choose another --out") from None
-        if recorded != settings:
+        if recorded != settings and not grows(recorded or {}, settings):
             diff = sorted(k for k in set(settings) | set(recorded or {})
                           if (recorded or {}).get(k) != settings.get(k))
             raise UsageError(f"--out {out} holds an ablation with other settings "
                              f"({', '.join(diff)} differ); rerun it with its own command "
-                             f"(see {record}) or choose another --out")
+                             f"(see {record}; more --seeds or --subsets may be added), or "
+                             f"choose another --out")
     elif out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):  # a runner starting
         raise UsageError(f"--out {out} exists and is not an ablation directory; choose a new "
                          f"or empty --out")
@@ -226,7 +246,6 @@ def validate(args: argparse.Namespace, extra: list[str]) -> tuple[list[Cell], di
     """Every check, before any work: the cells, the settings (what ``ablation.json`` records
     and compares) and the resolved config of the first cell (for the report's header)."""
     from baselines.harness import driver
-    from baselines.harness.common import UsageError
     from dm_plugins import check_plugin_names
 
     if args.jobs < 1:
@@ -321,11 +340,56 @@ def run_cells(method: str, cells: list[Cell], out: Path, extra: list[str], jobs:
     return failed
 
 
+def recorded_command(out: Path) -> tuple[argparse.Namespace, list[str]]:
+    """The runner's arguments and the method flags of the ablation recorded in
+    ``out/ablation.json`` (for ``--status``)."""
+    try:
+        settings = json.loads((out / "ablation.json").read_text())["settings"]
+        args = argparse.Namespace(
+            method=settings["method"], plugins=None, out=str(out), jobs=1, status=None,
+            subsets=";".join(s.replace("+", ",") for s in settings["subsets"]),
+            seeds=",".join(str(s) for s in settings["seeds"]))
+        return args, list(settings["args"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"--status {out}: no readable ablation.json there; give the --out "
+                         f"of an ablation") from None
+
+
+def status(args: argparse.Namespace, extra: list[str]) -> int:
+    """``--status OUT``: rewrite OUT's tables from what its cells hold now and print the
+    curves and the progress sections of ``ablation.md``."""
+    from baselines.harness.errors import USER_ERRORS
+    out = Path(args.status)
+    try:
+        if extra or args.method or args.out:
+            raise UsageError("--status OUT takes no other flag; the ablation's own are read "
+                             "from OUT/ablation.json")
+        args, extra = recorded_command(out)
+        cells, settings, config = validate(args, extra)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_outputs(out, settings, config, cells)
+    text = (out / "ablation.md").read_text()
+    start = text.find("## Accuracy against iteration")
+    print(text[start if start >= 0 else text.find("## Progress"):], end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     from baselines.harness.dir_lock import DirectoryInUse, DirectoryLock
     from baselines.harness.errors import USER_ERRORS
     from dm_plugins.atomic import atomic_write_json
+    if args.status is not None:
+        return status(args, extra)
+    try:
+        if args.method is None or args.out is None:
+            raise UsageError("give --method and --out (or --status OUT to look at an "
+                             "ablation)")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     try:
         try:

@@ -273,17 +273,25 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     (out / "notes.txt").write_text("mine")
     _one_line_error(capsys, ["--method", "dm", *base], "not an ablation directory")
     (out / "notes.txt").unlink()
-    assert ablate.main(["--method", "dm", "--subsets", "none", *base]) == 0
-    _one_line_error(capsys, ["--method", "dm", "--subsets", "none;cap", *base],
+    assert ablate.main(["--method", "dm", "--subsets", "none;cap", *base]) == 0
+    _one_line_error(capsys, ["--method", "dm", "--subsets", "none", *base],   # a row dropped
                     "other settings", "subsets")
-    _one_line_error(capsys, ["--method", "idm", "--subsets", "none", *base], "method")
-    _one_line_error(capsys, ["--method", "dm", "--subsets", "none", *base, "--lr-img", "2"],
-                    "args")
-    assert len(calls) == 1
+    _one_line_error(capsys, ["--method", "idm", "--subsets", "none;cap", *base], "method")
+    _one_line_error(capsys, ["--method", "dm", "--subsets", "none;cap", *base, "--lr-img",
+                             "2"], "args")
+    _one_line_error(capsys, ["--method", "dm", "--subsets", "none;cap", "--seeds", "1",
+                             *base], "seeds")
+    assert len(calls) == 2
+    _one_line_error(capsys, ["--method", "dm"], "--out")
+    _one_line_error(capsys, ["--status", str(tmp_path / "nowhere")], "ablation.json")
+    _one_line_error(capsys, ["--status", str(out), "--iterations", "3"], "no other flag")
 
 
 def _md_table(path):
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    """The first table of ``ablation.md`` (the subsets' accuracies)."""
+    text = path.read_text()
+    first = text[text.index("\n|"):].split("\n\n")[0]
+    lines = [line for line in first.splitlines() if line.startswith("|")]
     header, separator, *rows = [[c.strip() for c in line.strip("|").split("|")]
                                 for line in lines]
     assert header[0] == "plugins" and header[1:] == ["convnet accuracy (%)", "n"]
@@ -340,3 +348,112 @@ def test_expert_seed_shares_one_pool_across_run_seeds(tmp_path, monkeypatch, ran
     assert pool_seeds == [0, 2] and pick_seeds == [1, 2]
     assert json.loads((tmp_path / "a" / "config.json").read_text())["expert_seed"] == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["expert_seed"] == 2
+
+
+def test_an_ablation_grows_by_seeds_and_subsets_and_keeps_its_cells(tmp_path, monkeypatch,
+                                                                    capsys):
+    calls = []
+    monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
+    out = tmp_path / "abl"
+    base = ["--method", "dm", "--out", str(out), *TINY]
+    assert ablate.main([*base, "--subsets", "none", "--seeds", "0,1"]) == 0
+    calls.clear()
+    assert ablate.main([*base, "--subsets", "none;cap", "--seeds", "0,1,2"]) == 0
+    started = sorted(c[c.index("--out") + 1].rsplit("/", 1)[1] for c in calls)
+    assert started == ["cap-s0", "cap-s1", "cap-s2", "none-s2"]          # the new cells only
+    assert all(c[c.index("--expert-seed") + 1] == "0" for c in calls)    # the same pool
+    recorded = json.loads((out / "ablation.json").read_text())["settings"]
+    assert recorded["seeds"] == [0, 1, 2] and recorded["subsets"] == ["none", "cap"]
+    assert _md_table(out / "ablation.md") == [["none", "52.00 ± 1.29", "6"],
+                                              ["cap", "52.00 ± 1.29", "6"]]
+
+
+def _fake_snapshots(run_dir: Path, seed: int, points: dict, seconds_per_point: float,
+                    iteration_seconds: list, iterations: int = 40, eval_every: int = 10):
+    """A cell's run directory as a run with --eval-every writes it: config.json, metrics.jsonl
+    and, for each evaluated point, iter-<t>.pt then iter-<t>.json ``seconds_per_point`` later
+    (by mtime)."""
+    (run_dir / "snapshots").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({
+        "iterations": iterations, "eval_every": eval_every, "eval_at": [],
+        "environment": {"threads": 2}}))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "seconds": s}) + "\n"
+        for i, s in enumerate(iteration_seconds)) + '{"iteration": 99, "sec')  # a torn line
+    for t, accuracies in points.items():
+        kept, result = run_dir / "snapshots" / f"iter-{t:06d}.pt", \
+            run_dir / "snapshots" / f"iter-{t:06d}.json"
+        kept.write_bytes(b"set")
+        result.write_text(json.dumps({"iteration": t, "accuracies": accuracies,
+                                      "arch": "convnet"}))
+        os.utime(kept, (1000.0 + t, 1000.0 + t))
+        os.utime(result, (1000.0 + t + seconds_per_point, 1000.0 + t + seconds_per_point))
+
+
+def test_partial_cells_give_curves_and_what_remains(tmp_path, monkeypatch):
+    """Two unfinished cells: curves.csv and the pooled curve by hand; the progress from the
+    measured s/iter (median of metrics.jsonl's seconds) and s/point (json mtime - pt mtime)."""
+    from baselines.harness.ablation import Cell, best_point, summarize_curves, write_outputs
+    out = tmp_path / "abl"
+    cells = [Cell((), 0), Cell((), 1), Cell(("cap",), 0)]
+    _fake_snapshots(cells[0].run_dir(out), 0, {0: [10.0, 12.0], 10: [20.0, 22.0]}, 30.0,
+                    [1.0, 3.0, 2.0] + [2.0] * 12)                     # reached iteration 15
+    _fake_snapshots(cells[1].run_dir(out), 1, {0: [14.0, 16.0]}, 50.0, [4.0] * 5)
+    config = {"iterations": 40, "eval_every": 10, "eval_at": [], "eval_runs": 2,
+              "eval_epochs": 1, "eval_protocol": "dm", "eval_arch": ["convnet"],
+              "dataset": "digits", "ipc": 1, "preset": None, "expert_seed": 0}
+    settings = {"method": "dm", "subsets": ["none", "cap"], "seeds": [0, 1], "args": []}
+    write_outputs(out, settings, config, cells)
+
+    rows = list(csv.DictReader((out / "curves.csv").open()))
+    assert [(r["seed"], r["iteration"], r["accuracy"]) for r in rows] == [
+        ("0", "0", "10.0"), ("0", "0", "12.0"), ("0", "10", "20.0"), ("0", "10", "22.0"),
+        ("1", "0", "14.0"), ("1", "0", "16.0")]
+    points = summarize_curves([{**r, "seed": int(r["seed"]), "iteration": int(r["iteration"]),
+                                "accuracy": float(r["accuracy"])} for r in rows],
+                              ["none", "cap"])["convnet"]
+    assert points["none"][0] == (0, 13.0, pytest.approx(5 ** 0.5), 4, 2)  # 10,12,14,16
+    assert points["none"][1] == (10, 21.0, 1.0, 2, 1) and points["cap"] == []
+    text = (out / "ablation.md").read_text()
+    assert "| 0 | 13.00 ± 2.24 (4) | - |" in text and "| 10 | 21.00 ± 1.00 (2) | - |" in text
+    assert "| 10 | 21.00 | - | - |" in text                               # each cell's mean
+    assert (out / "curves.png").stat().st_size > 0
+
+    # none-s0: 40 - 15 = 25 iterations at 2.0 s, 5 - 2 = 3 points at 30 s, x2 threads;
+    # none-s1: 35 at 4.0 s, 4 points at 50 s, x2; cap-s0 borrows the medians (3.0 s, 40 s),
+    # 40 iterations and 5 points, at the others' 2 threads
+    hours = [(25 * 2.0 + 3 * 30) * 2 / 3600, (35 * 4.0 + 4 * 50) * 2 / 3600,
+             (40 * 3.0 + 5 * 40) * 2 / 3600]
+    assert "| none-s0 | stopped | 15/40 | 2/5 | 2.00 | 30 | " \
+           f"{hours[0]:.1f} |" in text
+    assert "| none-s1 | stopped | 5/40 | 1/5 | 4.00 | 50 |" in text
+    assert "| cap-s0 | not started | 0/? | 0/? | - | - |" in text
+    assert f"Remaining: 3 of 3 cells, 100 iterations, 12 snapshot evaluations, about " \
+           f"{sum(hours):.1f} CPU-hours" in text
+
+    # the study's T: the first point within 0.5 of the best, among points all seeds reached
+    curve = [(0, 20.0, 0, 4, 2), (250, 25.1, 0, 4, 2), (500, 25.5, 0, 4, 2),
+             (750, 25.0, 0, 4, 2), (1000, 30.0, 0, 2, 1)]
+    assert best_point(curve) == (curve[2], curve[1])
+    assert best_point(curve, near=0.3) == (curve[2], curve[2])
+    assert best_point([]) == (None, None)
+
+
+def test_status_reads_a_running_ablation_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ablate, "run_cell", _fake_runner(calls))
+    out = tmp_path / "abl"
+    assert ablate.main(["--method", "dm", "--subsets", "none", "--seeds", "0,1",
+                        "--out", str(out), *TINY, "--eval-every", "1"]) == 0
+    shutil.rmtree(out / "cells" / "none-s1")
+    (out / "cells" / "none-s0" / "config.json").write_text(json.dumps(  # as a run writes it
+        {"iterations": 2, "eval_every": 1, "environment": {"threads": 1}}))
+    (out / "ablation.md").unlink()
+    calls.clear()
+    capsys.readouterr()
+    assert ablate.main(["--status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert calls == [] and not (out / "cells" / "none-s1").exists()
+    assert "## Progress" in printed and "| none-s0 | finished | 2/2 |" in printed
+    assert "| none-s1 | not started |" in printed and "Remaining: 1 of 2 cells" in printed
+    assert "Not finished: none-s1." in (out / "ablation.md").read_text()

@@ -5,8 +5,10 @@ directory ``OUT`` it runs in ``OUT/cells/<subset>-s<seed>`` and logs to
 ``OUT/logs/<subset>-s<seed>.log`` (``<subset>`` is ``none`` or the plugins joined by ``+``,
 :func:`subset_name`). :func:`read_results` reads a cell's ``results.json`` back (None while it is
 unfinished or unreadable). :func:`write_outputs` writes ``OUT/ablation.csv``, ``ablation.md`` and
-``ablation.png`` from the finished cells alone, atomically, naming the unfinished ones; it can be
-called at any time, as often as wanted. Nothing here starts a process or handles a signal: the
+``ablation.png`` from the finished cells alone, atomically, naming the unfinished ones, and
+``curves.csv`` / ``curves.png`` from the evaluated snapshots of every cell, finished or not
+(``--eval-every`` / ``--eval-at``); ``ablation.md`` also gets the curves' table and each cell's
+progress (:mod:`.study_progress`). It can be called at any time, as often as wanted. Nothing here starts a process or handles a signal: the
 runner (``baselines/ablate.py``) does.
 """
 from __future__ import annotations
@@ -19,8 +21,14 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from dm_plugins.atomic import atomic_write_bytes
+
+from .plots import plot_accuracy_curves, plot_bars
+from .snapshots import read_points, snapshot_points
+from .study_progress import cell_progress, progress_markdown, remaining
+
 __all__ = ["Cell", "subset_name", "read_results", "collect", "summarize", "markdown",
-           "write_outputs"]
+           "collect_curves", "summarize_curves", "curves_markdown", "write_outputs"]
 
 
 def subset_name(subset: list[str]) -> str:
@@ -120,20 +128,27 @@ def markdown(settings: dict, config: dict, table: dict, cells: list[Cell], out: 
 
 def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) -> None:
     """``ablation.csv``, ``ablation.md`` and ``ablation.png`` from the finished cells."""
-    from baselines.harness.plots import plot_bars
-    from dm_plugins.atomic import atomic_write_bytes
     rows = collect(cells, out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["subset", "seed", "arch", "eval_run", "accuracy",
-                                     "run_dir"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "ablation.csv", buffer.getvalue().encode())
+    _write_csv(out / "ablation.csv", rows, ["subset", "seed", "arch", "eval_run", "accuracy",
+                                            "run_dir"])
     table = summarize(rows, settings["subsets"])
     experts = next((r["expert_test_accuracy"] for c in cells
                     if (r := read_results(c.run_dir(out))) and r.get("expert_test_accuracy")),
                    None)
     text = markdown(settings, config, table, cells, out, experts)
+    curve_rows = collect_curves(cells, out)
+    if curve_rows or snapshot_points(config):
+        text += "\n" + curves_markdown(curve_rows, settings["subsets"], cells)
+        _write_csv(out / "curves.csv", curve_rows, CURVE_COLUMNS)
+        series = summarize_curves(curve_rows, settings["subsets"])
+        arch = next(iter(series), None)
+        plot_accuracy_curves(
+            {subset: [(it, mean, std) for it, mean, std, _, _ in points]
+             for subset, points in (series[arch] if arch else {}).items()},
+            out / "curves.png",
+            title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, IPC "
+                  f"{config['ipc']}: {arch or 'convnet'} mean ± std over seeds x runs")
+    text += "\n" + progress_section(cells, out, config)
     atomic_write_bytes(out / "ablation.md", text.encode("utf-8"))
     series = {arch: ([table[arch][s][0] for s in settings["subsets"]],
                      [table[arch][s][1] for s in settings["subsets"]]) for arch in table}
@@ -142,3 +157,117 @@ def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) ->
               out / "ablation.png", reference="none",
               title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, "
                     f"IPC {config['ipc']}: mean ± std (dashed: none)")
+
+
+# -- curves and progress ----------------------------------------------------------------------
+CURVE_COLUMNS = ["subset", "seed", "iteration", "arch", "eval_run", "accuracy", "run_dir"]
+"""The columns of ``curves.csv``: one row per evaluation run of every evaluated snapshot."""
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def collect_curves(cells: list[Cell], out: Path) -> list[dict]:
+    """The rows of ``curves.csv`` from every cell's evaluated snapshots, unfinished cells too
+    (by cell, then iteration, architecture and evaluation run)."""
+    rows = []
+    for cell in cells:
+        for point in read_points(cell.run_dir(out)):
+            for arch_result in point.get("per_arch") or [point]:
+                for i, accuracy in enumerate(arch_result.get("accuracies", [])):
+                    rows.append({"subset": subset_name(list(cell.subset)), "seed": cell.seed,
+                                 "iteration": int(point["iteration"]),
+                                 "arch": arch_result.get("arch", "convnet"), "eval_run": i,
+                                 "accuracy": accuracy,
+                                 "run_dir": str(Path("cells") / cell.name)})
+    return rows
+
+
+def summarize_curves(rows: list[dict], subsets: list[str]) -> dict[str, dict[str, list[tuple]]]:
+    """arch -> subset -> ``(iteration, mean, population std, n, seeds)`` by iteration, pooled
+    over every evaluation run of every seed that has reached that point (``seeds`` says how
+    many did, so a partial point is visible)."""
+    table: dict[str, dict[str, list[tuple]]] = {}
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        table[arch] = {}
+        for subset in subsets:
+            mine = [r for r in rows if r["arch"] == arch and r["subset"] == subset]
+            points = []
+            for it in sorted({r["iteration"] for r in mine}):
+                values = [r["accuracy"] for r in mine if r["iteration"] == it]
+                seeds = len({r["seed"] for r in mine if r["iteration"] == it})
+                points.append((it, statistics.fmean(values), statistics.pstdev(values),
+                               len(values), seeds))
+            table[arch][subset] = points
+    return table
+
+
+NEAR_BEST = 0.5
+"""Points of accuracy: the budget T of a study is the first point this close to the best."""
+
+
+def best_point(points: list[tuple], near: float = NEAR_BEST) -> tuple[tuple | None, tuple | None]:
+    """Among :func:`summarize_curves` points reached by the most seeds: the best mean, and the
+    first point (lowest iteration) within ``near`` of it; ``(None, None)`` for no points."""
+    if not points:
+        return None, None
+    most = max(p[4] for p in points)
+    complete = [p for p in points if p[4] == most]
+    best = max(complete, key=lambda p: (p[1], -p[0]))
+    return best, next(p for p in complete if p[1] >= best[1] - near)
+
+
+def curves_markdown(rows: list[dict], subsets: list[str], cells: list[Cell]) -> str:
+    """The accuracy-against-iteration tables: per subset pooled over seeds x runs
+    (``mean ± std (n)``), then each cell's own mean."""
+    lines = ["## Accuracy against iteration", ""]
+    if not rows:
+        return "\n".join(lines + ["No snapshot evaluated yet.", ""])
+    for arch, by_subset in summarize_curves(rows, subsets).items():
+        iterations = sorted({p[0] for points in by_subset.values() for p in points})
+        lines += [f"{arch}: mean ± population std over every evaluation run of every seed "
+                  f"at that point (n: their number).", "",
+                  "| iteration | " + " | ".join(subsets) + " |",
+                  "|---:|" + "---:|" * len(subsets)]
+        for it in iterations:
+            row = []
+            for subset in subsets:
+                hit = [p for p in by_subset[subset] if p[0] == it]
+                row.append(f"{hit[0][1]:.2f} ± {hit[0][2]:.2f} ({hit[0][3]})" if hit else "-")
+            lines.append(f"| {it} | " + " | ".join(row) + " |")
+        lines.append("")
+        for subset in subsets:
+            best, first = best_point(by_subset[subset])
+            if best is not None:
+                lines.append(f"- {subset}: best mean {best[1]:.2f} at iteration {best[0]} "
+                             f"({best[4]} seeds); the first point within {NEAR_BEST} of it: "
+                             f"iteration {first[0]} ({first[1]:.2f}).")
+        names = [c.name for c in cells]
+        lines += ["", f"{arch}: each cell's mean over its evaluation runs.", "",
+                  "| iteration | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for it in iterations:
+            row = []
+            for cell in cells:
+                values = [r["accuracy"] for r in rows if r["arch"] == arch
+                          and r["iteration"] == it
+                          and r["run_dir"] == str(Path("cells") / cell.name)]
+                row.append(f"{statistics.fmean(values):.2f}" if values else "-")
+            lines.append(f"| {it} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def progress_section(cells: list[Cell], out: Path, config: dict) -> str:
+    """``## Progress``: each cell's state, iterations, points and measured costs, and what the
+    unfinished cells still need (:mod:`.study_progress`)."""
+    progress = [cell_progress(c.name, c.run_dir(out), read_results(c.run_dir(out)) is not None)
+                for c in cells]
+    started = [p.threads for p in progress if p.iterations is not None]
+    rows = remaining(progress, int(config["iterations"]), len(snapshot_points(config)),
+                     max(started) if started else 1)
+    return "## Progress\n\n" + progress_markdown(rows)

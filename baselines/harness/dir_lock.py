@@ -62,6 +62,11 @@ class DirectoryLock:
             return True
         return owner.get("host") == socket.gethostname() and not _alive(owner["pid"])
 
+    def in_use(self) -> bool:
+        """Whether another live process holds the lock now (read only; nothing is taken)."""
+        owner = self._owner()
+        return owner is not None and not self._is_stale(owner)
+
     def _create(self, record: bytes) -> bool:
         """Create the lock with ``record`` in it; False when it exists. Written to a temp file
         and hard-linked into place, so no process ever reads a half-written lock."""

@@ -141,7 +141,7 @@ def plot_accuracy_curves(series: Mapping[str, Sequence[tuple[float, float, float
     if title:
         ax.set_title(title, fontsize="small")
     ax.grid(alpha=0.3)
-    if len(series) <= _MAX_LEGEND:
+    if 0 < len([p for p in series.values() if p]) <= _MAX_LEGEND:
         ax.legend(fontsize="small")
     fig.tight_layout()
     save_figure(fig, path)

@@ -95,12 +95,17 @@ def read_point(path: Path) -> dict | None:
     return point if isinstance(point, dict) and "iteration" in point else None
 
 
-def read_curve(run_dir: str | Path) -> list[dict]:
-    """Every evaluated snapshot of a run directory, by iteration (a run still distilling has a
-    partial curve): the :data:`CURVE_KEYS` of each ``snapshots/iter-<t>.json``."""
+def read_points(run_dir: str | Path) -> list[dict]:
+    """Every evaluated snapshot of a run directory, by iteration, as written (a run still
+    distilling has a partial curve); unreadable ones are left out."""
     folder = Path(run_dir) / "snapshots"
     points = [read_point(p) for p in sorted(folder.glob("iter-*.json"))]
-    return [{k: p.get(k) for k in CURVE_KEYS} for p in points if p is not None]
+    return [p for p in points if p is not None]
+
+
+def read_curve(run_dir: str | Path) -> list[dict]:
+    """The :data:`CURVE_KEYS` of each of :func:`read_points`."""
+    return [{k: p.get(k) for k in CURVE_KEYS} for p in read_points(run_dir)]
 
 
 class SnapshotEvaluation(Callback):
