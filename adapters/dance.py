@@ -75,6 +75,9 @@ class DANCEHost(DANCE):
     def select_real(self, label, real_features, syn_features, t):
         return self.plugins.select_real(label, real_features, syn_features, t)      # cap
 
+    def feature_losses(self, label, real_features, syn_features, t):
+        return self.plugins.feature_losses(label, real_features, syn_features, t)   # iid-cm
+
     def inter_class_losses(self, syn_images, syn_labels, t, extractor=None, real_images=None,
                            real_labels=None):
         if self.plugins.adds_losses:                                                # plm

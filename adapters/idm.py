@@ -73,6 +73,9 @@ class IDMHost(IDM):
     def select_real(self, label, real_features, syn_features, t):
         return self.plugins.select_real(label, real_features, syn_features, t)      # cap
 
+    def feature_losses(self, label, real_features, syn_features, t):
+        return self.plugins.feature_losses(label, real_features, syn_features, t)   # iid-cm
+
     def extra_losses(self, syn_images, syn_labels, t, extractor=None):
         return self.plugins.auxiliary_losses(syn_images, syn_labels, t,             # plm
                                              extractor=extractor)

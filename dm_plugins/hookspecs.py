@@ -12,6 +12,7 @@ One iteration ``t`` of a loop, in order::
     (loop computes real and synthetic features with that network, or with its own)
     dm_select_real(...)               # per class: which real samples to match
     (loop computes the matching loss)
+    dm_feature_loss(...)              # per class: extra named losses on the features
     dm_auxiliary_loss(...)            # extra named losses on the synthetic images
     (loop steps the synthetic images on matching + auxiliary losses)
 
@@ -134,6 +135,36 @@ def dm_auxiliary_loss(syn_images: "torch.Tensor", syn_labels: "torch.Tensor", it
     all values is added to the matching loss with weight 1. Names are logged as ``loss_<name>``.
     Sum a loss over classes of per-class means, like the DM loss, so that its weight does not
     depend on how many classes a loop batches together.
+    """
+
+
+@hookspec
+def dm_feature_loss(label: int, real_features: "torch.Tensor", syn_features: "torch.Tensor",
+                    iteration: int, num_iterations: int) -> "dict[str, torch.Tensor] | None":
+    """Return extra losses on one class's features, added to the matching loss.
+
+    Called once per class per iteration, right where the host computes the class's matching
+    loss, after ``dm_select_real``; reuse the features, never run the extractor again (IID's
+    covariance matching, for example, costs no extra forward this way). A loop that batches
+    every class in one forward calls it per class through
+    :meth:`dm_plugins.PluginSet.batched_feature_losses`.
+
+    :param label: the class c.
+    :param real_features: (B, D) features of the class's (augmented) real samples that the
+        matching loss uses (the rows ``dm_select_real`` kept), no graph.
+    :param syn_features: (S, D) features of the class's (decoded, augmented) synthetic images,
+        carrying their graph to the stored images.
+    :param iteration: t.
+    :param num_iterations: T.
+
+    The features are the flattened output of the extractor's ``embed`` (for a ConvNet, its last
+    feature map, C x H x W flattened channel-major), as the matching loss uses them.
+
+    Return value: a dict of named scalar losses connected to ``syn_features``'s graph, or
+    ``None``. All implementations are called; the dicts are merged as for
+    ``dm_auxiliary_loss`` (a name returned twice, here or there, is a ``PluginError``), each
+    name summed over classes by the host and added to the matching loss with weight 1; names
+    are logged as ``loss_<name>``.
     """
 
 

@@ -32,6 +32,7 @@ from .experts import build_network
 from .data import ClassIndexedData
 from .distributed import ClassShard
 from .manager import PluginSet
+from .named_losses import merge_losses
 from .profiling import StageTimer
 from .seeding import derive_seed, make_generator, reinitialize_
 from .synthetic import (check_batch_independent, check_host_args, restore_synthetic,
@@ -243,6 +244,8 @@ class DMHost:
         real_sums, counts = None, torch.zeros(self.num_classes, dtype=torch.long,
                                               device=self.device)
         drawn = 0
+        holds_features = self.plugins.filters_real or self.plugins.uses_feature_loss
+        feature_parts: dict[str, torch.Tensor] = {}
         batches = self.real_batches(t, self.real_class_blocks(net))
         while True:
             with stage("real_batch"):
@@ -255,14 +258,14 @@ class DMHost:
                 with stage("augment_real"):
                     real_aug = self._augment(real, labels, t, block)
                 del real
-                if not self.plugins.filters_real:  # fused: features never held at once
+                if not holds_features:  # fused: features never held at once
                     with stage("real_forward"):
                         real_sums = chunked_class_sums(embed, real_aug, labels,
                                                        self.num_classes, chunk, real_sums)
                 else:
                     with stage("real_forward"):
                         features = chunked_features(embed, real_aug, chunk)
-            if self.plugins.filters_real:
+            if holds_features:
                 with stage("cap"):
                     in_block = (syn_labels >= block.start) & (syn_labels < block.stop)
                     keep = self.plugins.batched_keep_mask(
@@ -271,6 +274,13 @@ class DMHost:
                     if real_sums is None:
                         real_sums = features.new_zeros(self.num_classes, features.shape[1])
                     real_sums.index_add_(0, labels, features)
+                with stage("feature_losses"):
+                    for c in block:
+                        for name, loss in self.plugins.feature_losses(
+                                c, features[labels == c], syn_features[syn_labels == c],
+                                t).items():
+                            feature_parts[name] = feature_parts[name] + loss \
+                                if name in feature_parts else loss
             counts += torch.bincount(labels, minlength=self.num_classes)
         real_mean = real_sums / counts.clamp_min(1).unsqueeze(1).to(real_sums)
         kept = int(counts.sum())
@@ -278,7 +288,8 @@ class DMHost:
         match = ((real_mean - syn_mean) ** 2).sum()
 
         with stage("auxiliary_losses"):
-            parts = self.plugins.auxiliary_losses(syn_aug, syn_labels, t, extractor=net)
+            parts = merge_losses(feature_parts, self.plugins.auxiliary_losses(
+                syn_aug, syn_labels, t, extractor=net))
         total = match + sum(parts.values()) if parts else match
         sums = sum_over_shards(self.shard, {  # a sharded host: the sums over every rank
             "loss": float(total.detach()), "loss_match": float(match.detach()),

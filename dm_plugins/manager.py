@@ -163,6 +163,13 @@ class PluginSet:
         return bool(self.pm.hook.dm_select_real.get_hookimpls())
 
     @property
+    def uses_feature_loss(self) -> bool:
+        """True when some plugin implements ``dm_feature_loss`` (a loop that never holds a
+        class's real features at once, such as :class:`~dm_plugins.DMHost`'s fused sums, then
+        keeps them)."""
+        return bool(self.pm.hook.dm_feature_loss.get_hookimpls())
+
+    @property
     def separate_step_lr(self) -> float | None:
         """The learning rate of the separate image step a plugin asks for (attribute
         ``separate_step_lr`` of a plugin, e.g. ``plm --plm-step separate``), or None when every
@@ -318,19 +325,48 @@ class PluginSet:
         if (real_images is None) != (real_labels is None) or (
                 real_images is not None and real_images.shape[0] != real_labels.shape[0]):
             raise PluginError("pass real_images and real_labels together, one label per image")
-        merged: dict[str, torch.Tensor] = {}
-        for result in self.pm.hook.dm_auxiliary_loss(
-                syn_images=syn_images, syn_labels=syn_labels, iteration=t,
-                num_iterations=self.num_iterations, extractor=extractor,
-                real_images=real_images, real_labels=real_labels):
-            if not isinstance(result, dict):
-                raise PluginError(f"dm_auxiliary_loss must return a dict of named losses or "
-                                  f"None, got {type(result).__name__}")
-            for name, loss in result.items():
-                if name in merged:
-                    raise PluginError(f"two plugins return an auxiliary loss named {name!r}")
-                merged[name] = loss
-        return merged
+        return _merge(self.pm.hook.dm_auxiliary_loss(
+            syn_images=syn_images, syn_labels=syn_labels, iteration=t,
+            num_iterations=self.num_iterations, extractor=extractor,
+            real_images=real_images, real_labels=real_labels), "dm_auxiliary_loss")
+
+    def feature_losses(self, label: int, real_features: torch.Tensor,
+                       syn_features: torch.Tensor, iteration: int) -> dict[str, torch.Tensor]:
+        """The plugins' ``dm_feature_loss`` results for class ``label``, merged into one dict of
+        named losses (empty when no plugin implements the hook)."""
+        t = self._check_iteration(iteration)
+        if not self.uses_feature_loss:
+            return {}
+        _check_features(real_features, syn_features)
+        return _merge(self.pm.hook.dm_feature_loss(
+            label=int(label), real_features=real_features, syn_features=syn_features,
+            iteration=t, num_iterations=self.num_iterations), "dm_feature_loss")
+
+    def feature_loss(self, label: int, real_features: torch.Tensor, syn_features: torch.Tensor,
+                     iteration: int) -> torch.Tensor | float:
+        """Sum of :meth:`feature_losses` (0.0 when none): the one line a per-class loop adds
+        after its matching loss."""
+        parts = self.feature_losses(label, real_features, syn_features, iteration)
+        return sum(parts.values()) if parts else 0.0
+
+    def batched_feature_losses(self, real_features: torch.Tensor, real_labels: torch.Tensor,
+                               syn_features: torch.Tensor, syn_labels: torch.Tensor,
+                               iteration: int) -> dict[str, torch.Tensor]:
+        """:meth:`feature_losses` for a loop that batches every class in one forward (the
+        original DM code's BatchNorm branch): called per class present in ``syn_labels``, in
+        class order, on that class's rows, the real rows being those :meth:`batched_keep_mask`
+        keeps; each name summed over classes."""
+        t = self._check_iteration(iteration)
+        if not self.uses_feature_loss:
+            return {}
+        keep = self.batched_keep_mask(real_features, real_labels, syn_features, syn_labels, t)
+        totals: dict[str, torch.Tensor] = {}
+        for c in torch.unique(syn_labels).tolist():
+            real_rows = real_features[keep & (real_labels == c)]
+            for name, loss in self.feature_losses(c, real_rows, syn_features[syn_labels == c],
+                                                  t).items():
+                totals[name] = totals[name] + loss if name in totals else loss
+        return totals
 
     def auxiliary_loss(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
                        iteration: int, **offered) -> torch.Tensor | float:
@@ -344,6 +380,21 @@ class PluginSet:
         if self.context is not None:
             self.pm.hook.dm_teardown(context=self.context)
             self.context = None
+
+
+def _merge(results: list, hook: str) -> dict[str, torch.Tensor]:
+    """The dicts of named losses ``hook``'s implementations returned, merged (None results
+    skipped); a result that is not a dict, or a name returned twice, is a PluginError."""
+    merged: dict[str, torch.Tensor] = {}
+    for result in results:
+        if not isinstance(result, dict):
+            raise PluginError(f"{hook} must return a dict of named losses or None, got "
+                              f"{type(result).__name__}")
+        for name, loss in result.items():
+            if name in merged:
+                raise PluginError(f"two plugins return a loss named {name!r} ({hook})")
+            merged[name] = loss
+    return merged
 
 
 def _check_features(real_features: torch.Tensor, syn_features: torch.Tensor) -> None:

@@ -128,10 +128,10 @@ def test_clamping_at_every_iteration_and_on_return(toy, pool):
     seen = {}
     real_inner = DANCE.inner_class_loss
 
-    def spy(self, extractor, c, t):
+    def spy(self, extractor, c, t, parts=None):
         if c == 0:
             seen[t] = self.syn.detach().clone()
-        return real_inner(self, extractor, c, t)
+        return real_inner(self, extractor, c, t, parts)
 
     host.inner_class_loss = spy.__get__(host)
     out = host.run(progress=False)

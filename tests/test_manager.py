@@ -26,7 +26,9 @@ def test_unknown_name_lists_available_names_in_one_line():
         PluginSet.from_names("cap,bogus")
     msg = str(info.value)
     assert "\n" not in msg
-    assert "'bogus'" in msg and "cap, plm, ptm" in msg
+    from dm_plugins import available_plugins
+    assert "'bogus'" in msg and f"available: {', '.join(available_plugins())} (or" in msg
+    assert {"cap", "plm", "ptm"} <= set(available_plugins())
 
 
 def test_built_ins_get_their_options(pool):

@@ -71,6 +71,7 @@ from torch import nn
 
 from dm_plugins.experts import ExpertPool
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
+from dm_plugins.named_losses import merge_losses
 from dm_plugins.distributed import ClassShard
 from dm_plugins.seeding import make_generator
 from dm_plugins.synthetic import (check_host_args, image_step, restore_synthetic, run_iterations,
@@ -173,6 +174,12 @@ class DANCE:
         """The real features of class ``label`` that are matched. DANCE: all of them."""
         return real_features
 
+    def feature_losses(self, label: int, real_features: torch.Tensor,
+                       syn_features: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
+        """Named losses on class ``label``'s features, added to its inner-class loss (the kept
+        real features, no graph; the synthetic ones with graph). DANCE: none."""
+        return {}
+
     def inter_class_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor, t: int,
                            extractor: nn.Module | None = None,
                            real_images: torch.Tensor | None = None,
@@ -248,9 +255,12 @@ class DANCE:
             x = self.augment(x, groups, make_generator(self.seed, _AUG_STREAM, t, view, step, c))
         return x.contiguous(memory_format=self.memory_format)
 
-    def inner_class_loss(self, extractor: nn.Module, c: int, t: int
+    def inner_class_loss(self, extractor: nn.Module, c: int, t: int,
+                         parts: dict[str, float] | None = None
                          ) -> tuple[torch.Tensor, int, int]:
-        """Class ``c``'s matching loss at ``t``, real samples drawn and kept."""
+        """Class ``c``'s inner-class loss at ``t`` (matching plus :meth:`feature_losses`), real
+        samples drawn and kept; ``parts``, when given, gains ``match`` and each feature loss
+        by name (floats, added to what it holds)."""
         g = make_generator(self.seed, _REAL_STREAM, t, c)
         real = self.real.sample(c, self.batch_real, g).to(self.device)
         syn, _ = self.synthetic_view(c, t, _INNER, 0)
@@ -261,7 +271,12 @@ class DANCE:
                                              chunk_for(extractor, self.real_chunk))
         syn_features = extractor.embed(syn_aug)
         kept = self.select_real(c, real_features, syn_features, t)
-        loss = ((kept.mean(0) - syn_features.mean(0)) ** 2).sum()
+        match = ((kept.mean(0) - syn_features.mean(0)) ** 2).sum()
+        extra = self.feature_losses(c, kept, syn_features, t)
+        if parts is not None:
+            for name, value in {"match": match, **extra}.items():
+                parts[name] = parts.get(name, 0.0) + float(value.detach())
+        loss = match + sum(extra.values()) if extra else match
         return loss, real.shape[0], int(kept.shape[0])
 
     def step(self, t: int | None = None) -> dict:
@@ -280,15 +295,16 @@ class DANCE:
         with torch.no_grad():
             self.syn.clamp_(0.0, 1.0)
         extractor = self.matching_extractor(t, lambda: self.middle_model(t))
-        match, drawn, kept = 0.0, 0, 0
+        inner: dict[str, float] = {"match": 0.0}
+        drawn, kept = 0, 0
         for c in range(self.num_classes):
             if c not in self.classes:
                 image_step(self.optimizer, self.syn, None)
                 continue
-            loss, n_real, n_kept = self.inner_class_loss(extractor, c, t)
+            loss, n_real, n_kept = self.inner_class_loss(extractor, c, t, inner)
             image_step(self.optimizer, self.syn, loss)
-            match += float(loss.detach())
             drawn, kept = drawn + n_real, kept + n_kept
+        match = inner.pop("match")
         inter: dict[str, float] = {}
         optimizer, wants_real = self.inter_optimizer, self.inter_class_wants_real()
         for step in range(self.iter_calib):
@@ -318,10 +334,11 @@ class DANCE:
                 image_step(optimizer, self.syn, sum(losses.values()))
                 for name, value in losses.items():
                     inter[name] = inter.get(name, 0.0) + float(value.detach())
+        named = merge_losses(inner, inter)   # feature losses of the inner step, then inter
         sums = sum_over_shards(self.shard, {
-            "loss_match": match, **{f"loss_{name}": v for name, v in inter.items()},
+            "loss_match": match, **{f"loss_{name}": v for name, v in named.items()},
             "kept": kept, "drawn": drawn})
-        metrics = {"loss": sums["loss_match"] + sum(sums[f"loss_{name}"] for name in inter),
+        metrics = {"loss": sums["loss_match"] + sum(sums[f"loss_{name}"] for name in named),
                    **with_real_kept(sums)}
         metrics["mix"] = self.mixing_weight(t)
         metrics["expert"] = self.experts.pick(t)

@@ -91,6 +91,7 @@ from torch import nn
 
 from dm_plugins.experts import build_network
 from dm_plugins.chunking import chunk_for, chunked_features, default_real_chunk
+from dm_plugins.named_losses import merge_losses
 from dm_plugins.distributed import ClassShard, skip_sample
 from dm_plugins.seeding import make_generator
 from dm_plugins.synthetic import (check_batch_independent, check_host_args, image_step,
@@ -221,6 +222,12 @@ class IDM:
         """The real features of class ``label`` that are matched. IDM: all of them."""
         return real_features
 
+    def feature_losses(self, label: int, real_features: torch.Tensor,
+                       syn_features: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
+        """Named losses on class ``label``'s features, added to its loss (the matched real
+        features, no graph; the synthetic ones with graph). IDM: none."""
+        return {}
+
     def extra_losses(self, syn_images: torch.Tensor, syn_labels: torch.Tensor,
                      t: int, extractor: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Named losses added to one class's loss (images decoded and augmented as matched;
@@ -302,7 +309,8 @@ class IDM:
         ce = ce_raw * p.ce_scale
         total = match + ce
         parts = {"match": match, "ce": ce, "ce_raw": ce_raw}
-        extra = self.extra_losses(syn_aug, labels, p.t, p.extractor)
+        extra = merge_losses(self.feature_losses(c, real_features, syn_features, p.t),
+                             self.extra_losses(syn_aug, labels, p.t, p.extractor))
         if extra:
             total = total + sum(extra.values())
             parts.update(extra)
