@@ -383,12 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     from dm_plugins.atomic import atomic_write_json
     if args.status is not None:
         return status(args, extra)
-    try:
-        if args.method is None or args.out is None:
-            raise UsageError("give --method and --out (or --status OUT to look at an "
-                             "ablation)")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if args.method is None or args.out is None:
+        print("error: give --method and --out (or --status OUT to look at an ablation)",
+              file=sys.stderr)
         return 2
     out = Path(args.out)
     try:

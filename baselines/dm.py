@@ -48,7 +48,11 @@ PRESETS = {
         {"factor": 2,
          "lr_img": Rule(ptlm_image_lr, "0.01 x IPC / mean(std_c^2), i.e. PTLM's 0.01 x IPC in "
                                        "pixel space"),
-         "plugins": "cap,ptm,plm"}),
+         "plugins": "cap,ptm,plm"}),    "iid": Preset(
+        "IID's add-on (Deng et al., CVPR 2024) on DM, from the dm-plugins-iid package "
+        "(pip install -e contrib/iid): plugins iid-cm,iid-cc unless --plugins is given, with "
+        "the public DM code's weights lambda_CM 0.01, lambda_CC 0.05",
+        {"plugins": "iid-cm,iid-cc", "iid_cm_weight": 0.01, "iid_cc_weight": 0.05}),
 }
 
 

@@ -72,7 +72,11 @@ PRESETS = {
     "ptlm": Preset(
         "PTLM's plugins on IDM: plugins cap,ptm,plm unless --plugins is given (--preset ptlm "
         "--plugins none is the matched control); IDM's own image lr 0.2 and 2x2 partition stay",
-        {"plugins": "cap,ptm,plm"}),
+        {"plugins": "cap,ptm,plm"}),    "iid": Preset(
+        "IID's add-on (Deng et al., CVPR 2024) on IDM, from the dm-plugins-iid package "
+        "(pip install -e contrib/iid): plugins iid-cm,iid-cc unless --plugins is given, with "
+        "the public IDM code's weights lambda_CM 0.03, lambda_CC 0.01",
+        {"plugins": "iid-cm,iid-cc", "iid_cm_weight": 0.03, "iid_cc_weight": 0.01}),
 }
 
 EMBEDDED = {**EMBEDDED_BUDGET, "trained_bs": 64}

@@ -77,15 +77,18 @@ if __package__ in (None, ""):
 import torch
 
 VARIANTS = ("naive", "host-nchw", "host-unchunked", "host-eager", "host", "cap", "ptm", "plm", "all",
-            "dm-preset", "ptlm-preset", "idm", "idm+all", "dance", "dance+all", "dance+ptlm-code")
+            "iid-cm", "iid-cc", "dm-preset", "ptlm-preset", "idm", "idm+all", "idm+iid-cm",
+            "dance", "dance+all", "dance+ptlm-code")
 PLUGINS = {"naive": None, "host-nchw": "none", "host-unchunked": "none", "host-eager": "none", "host": "none",
            "cap": "cap", "ptm": "ptm", "plm": "plm", "all": "cap,ptm,plm", "dm-preset": "none",
            "ptlm-preset": "cap,ptm,plm", "idm": "none", "idm+all": "cap,ptm,plm",
-           "dance": "none", "dance+all": "cap,ptm,plm", "dance+ptlm-code": "cap,ptm,plm"}
+           "dance": "none", "dance+all": "cap,ptm,plm", "dance+ptlm-code": "cap,ptm,plm",
+           "iid-cm": "iid-cm", "iid-cc": "iid-cc", "idm+iid-cm": "iid-cm"}
+"""The plugins of each variant (``iid-*``: the dm-plugins-iid package, ``contrib/iid``)."""
 PRESET_FACTOR = {"dm-preset": 1, "ptlm-preset": 2}
 NEVER_COMPILED = ("naive", "host-nchw", "host-unchunked", "host-eager")  # references: eager
 STAGES = ("extractor", "real_batch", "augment_real", "real_forward", "synthetic_forward", "cap",
-          "auxiliary_losses", "backward", "optimizer_step")
+          "feature_losses", "auxiliary_losses", "backward", "optimizer_step")
 METHOD_STAGES = {
     # stage -> the host method timed (inclusive wall time of its calls in an iteration)
     "idm": {"extractor": "matching_extractor", "real_pass": "prepare_pass",

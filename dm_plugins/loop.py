@@ -274,6 +274,7 @@ class DMHost:
                     if real_sums is None:
                         real_sums = features.new_zeros(self.num_classes, features.shape[1])
                     real_sums.index_add_(0, labels, features)
+            if self.plugins.uses_feature_loss:
                 with stage("feature_losses"):
                     for c in block:
                         for name, loss in self.plugins.feature_losses(

@@ -54,7 +54,9 @@ class PluginOption:
         return f"--{plugin}-{self.name}".replace("_", "-")
 
     def key(self, plugin: str) -> str:
-        return f"{plugin}_{self.name}"
+        """The argparse dest and config key: ``<plugin>_<option>``, a ``-`` in the plugin's
+        name written ``_`` (``iid-cm`` -> ``iid_cm_weight``)."""
+        return f"{plugin}_{self.name}".replace("-", "_")
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` (None when it is allowed)."""

@@ -55,21 +55,24 @@ class _LazyEntryPoint:
     def __init__(self, ep):
         self.ep = ep
 
-    def __call__(self, **options):
+    def load(self) -> Callable[..., Any]:
+        """The factory the entry point names; a broken package is a one-line PluginError."""
         try:
-            factory = self.ep.load()
+            return self.ep.load()
         except Exception as exc:  # noqa: BLE001 - a broken third-party package, one line
             raise PluginError(f"plugin {self.ep.name!r} ({self.ep.value}) failed to import: "
                               f"{type(exc).__name__}: {exc}") from None
-        return _call_with_accepted(factory, options)
+
+    def __call__(self, **options):
+        return _call_with_accepted(self.load(), options)
 
     @property
     def needs_experts(self) -> bool:
-        return bool(getattr(self.ep.load(), "needs_experts", False))
+        return bool(getattr(self.load(), "needs_experts", False))
 
     @property
     def options(self):
-        return declared_options(self.ep.load())
+        return declared_options(self.load())
 
 
 def parse_plugin_names(spec: str | None) -> list[str]:

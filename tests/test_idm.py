@@ -382,5 +382,5 @@ def test_reference_defaults_per_dataset_and_ipc():
     assert [value("ce_weight", "cifar100", i) for i in (1, 10, 50)] == [0.5, 0.1, 0.1]
     assert value("ce_weight", "imagefolder:/x/cifar10-subset", 10) == 0.5
     text = " ".join(idm_cli.build_parser().format_help().split())
-    assert "{idm,ptlm}" in text and "--net-generate-interval" in text
+    assert "{idm,ptlm,iid}" in text and "--net-generate-interval" in text
     assert "default 30, or 5 at IPC 1 on CIFAR" in text and "default: None" not in text

@@ -49,6 +49,9 @@ def test_broken_entry_point_is_a_one_line_plugin_error():
     lazy = _LazyEntryPoint(FakeEntryPoint("x", "pkg:X", ImportError("boom")))
     with pytest.raises(PluginError, match=r"^plugin 'x' \(pkg:X\) failed to import: ImportError: boom$"):
         lazy()
+    for attribute in ("needs_experts", "options"):   # asked by the drivers before building it
+        with pytest.raises(PluginError, match=r"^plugin 'x' \(pkg:X\) failed to import"):
+            getattr(lazy, attribute)
 
 
 def test_entry_point_needs_experts_reads_the_loaded_class(monkeypatch):

@@ -126,6 +126,14 @@ def markdown(settings: dict, config: dict, table: dict, cells: list[Cell], out: 
     return "\n".join(lines) + "\n"
 
 
+def dataset_label(dataset: str) -> str:
+    """A dataset spec as a figure's title names it: a folder by its last component
+    (``imagefolder:/data/cifar10-mini`` -> ``imagefolder:cifar10-mini``), so a figure does not
+    carry the machine's paths."""
+    kind, _, path = dataset.partition(":")
+    return f"{kind}:{path.rstrip('/').split('/')[-1]}" if path else dataset
+
+
 def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) -> None:
     """``ablation.csv``, ``ablation.md`` and ``ablation.png`` from the finished cells."""
     rows = collect(cells, out)
@@ -146,8 +154,9 @@ def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) ->
             {subset: [(it, mean, std) for it, mean, std, _, _ in points]
              for subset, points in (series[arch] if arch else {}).items()},
             out / "curves.png",
-            title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, IPC "
-                  f"{config['ipc']}: {arch or 'convnet'} mean ± std over seeds x runs")
+            title=f"{settings['method']} ({config.get('preset')}), "
+                  f"{dataset_label(config['dataset'])}, IPC {config['ipc']}: "
+                  f"{arch or 'convnet'} mean ± std over seeds x runs")
     text += "\n" + progress_section(cells, out, config)
     atomic_write_bytes(out / "ablation.md", text.encode("utf-8"))
     series = {arch: ([table[arch][s][0] for s in settings["subsets"]],
@@ -155,8 +164,9 @@ def write_outputs(out: Path, settings: dict, config: dict, cells: list[Cell]) ->
     plot_bars(settings["subsets"], series or {"none": ([math.nan] * len(settings["subsets"]),
                                                        [0.0] * len(settings["subsets"]))},
               out / "ablation.png", reference="none",
-              title=f"{settings['method']} ({config.get('preset')}), {config['dataset']}, "
-                    f"IPC {config['ipc']}: mean ± std (dashed: none)")
+              title=f"{settings['method']} ({config.get('preset')}), "
+                    f"{dataset_label(config['dataset'])}, IPC {config['ipc']}: mean ± std "
+                    f"(dashed: none)")
 
 
 # -- curves and progress ----------------------------------------------------------------------
