@@ -355,7 +355,9 @@ class PluginSet:
         """:meth:`feature_losses` for a loop that batches every class in one forward (the
         original DM code's BatchNorm branch): called per class present in ``syn_labels``, in
         class order, on that class's rows, the real rows being those :meth:`batched_keep_mask`
-        keeps; each name summed over classes."""
+        keeps; each name summed over classes. It asks the filters again (``dm_select_real``
+        is a pure function of its arguments for ``cap``, so a graft that also calls
+        :meth:`real_class_means` gets the same rows twice, at the cost of one more mask)."""
         t = self._check_iteration(iteration)
         if not self.uses_feature_loss:
             return {}
