@@ -22,6 +22,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
+
 from baselines.harness import driver  # noqa: E402
 from adapters.dance import OFFERS  # noqa: E402
 from baselines.harness.driver import HostRequest, MethodSpec, Preset, Rule  # noqa: E402

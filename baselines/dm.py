@@ -15,6 +15,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
+
 from baselines.harness import driver  # noqa: E402
 from dm_plugins.loop import OFFERS  # noqa: E402
 from baselines.harness.driver import EMBEDDED, HostRequest, MethodSpec, Preset, Rule  # noqa: E402,F401

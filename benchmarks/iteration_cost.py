@@ -74,7 +74,15 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
+from baselines.harness.cpu_threads import (apply_threads, describe, positive_threads,  # noqa: E402
+                                           prefer_passive_wait)
+
+prefer_passive_wait()  # before torch loads OpenMP, as every command line does
+
+import torch  # noqa: E402
+
+from baselines.harness.launch import strip_flag  # noqa: E402
+from benchmarks.contention import busy_workers, compare  # noqa: E402
 
 VARIANTS = ("naive", "host-nchw", "host-unchunked", "host-eager", "host", "cap", "ptm", "plm", "all",
             "iid-cm", "iid-cc", "dm-preset", "ptlm-preset", "idm", "idm+all", "idm+iid-cm",
@@ -155,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "factor-2 set: 400 images) for EPOCHS epochs, default vs channels-last")
     p.add_argument("--chunk-sweep", default=None,
                    help="comma list of real-forward chunk sizes to time instead of the variants")
+    p.add_argument("--threads", type=positive_threads, default=None, metavar="N",
+                   help="torch threads (default: torch's own choice)")
+    p.add_argument("--contend", type=int, default=0, metavar="K",
+                   help="run K single-threaded busy workers beside the measurement (started "
+                        "and stopped by the benchmark), as another user's jobs would")
+    p.add_argument("--compare-contention", type=int, default=None, metavar="K",
+                   help="instead: rerun this command quiet and beside K busy workers, with "
+                        "passive (default) and active OpenMP wait and with one thread, one "
+                        "child process each, and print one table (benchmarks/contention.py)")
     return p
 
 
@@ -370,7 +387,21 @@ def chunk_sweep(chunks, data, factory, args, device):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.compare_contention is not None:
+        return compare(os.path.abspath(__file__), strip_flag(argv, "--compare-contention"),
+                       args.compare_contention)
+    with busy_workers(args.contend) as pids:
+        if pids:
+            print(f"contention: {len(pids)} busy single-threaded worker(s), pids "
+                  f"{', '.join(map(str, pids))}", flush=True)
+        return measure(args)
+
+
+def measure(args) -> int:
+    """The measurement :func:`main` runs (beside ``--contend`` busy workers when asked)."""
+    apply_threads(args.threads)
     from baselines.harness.common import resolve_device
     from baselines.harness.networks import get_network
     from dm_plugins import ExpertPool
@@ -414,8 +445,9 @@ def main(argv=None) -> int:
     print()
     print(f"dataset {data.name} ({data.num_classes} classes), batch_real {args.batch_real}, "
           f"factor {args.factor}, "
-          f"DSA {'off' if args.no_dsa else 'on'}, device {device}, threads "
-          f"{torch.get_num_threads()}, compile {args.compile}, median of {args.repeats} "
+          f"DSA {'off' if args.no_dsa else 'on'}, device {device}, "
+          f"{describe(torch.get_num_threads(), given=bool(args.threads))}, busy workers "
+          f"{args.contend}, compile {args.compile}, median of {args.repeats} "
           f"after {args.warmup} warm-up")
     print("| IPC | variant | s/iter (median) | x naive | x host | peak memory (MiB) | "
           "iteration memory (MiB) |")

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from .cpu_threads import apply_threads
 from .command_line import DefaultsOnceFormatter, build_parser, describe_default, parse_args
 from .opening import check_places, new_run_config, space_needed, use_channels_last
 from .phases import run, write_curves
@@ -49,6 +50,7 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         return print_config(spec, args, explicit)
+    apply_threads(args.threads)  # before any work; children of --nproc-per-node get it again
     nproc = getattr(args, "nproc_per_node", None)
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         if nproc < 1:

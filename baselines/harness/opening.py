@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .cpu_threads import describe
 from .resolve import (check_resume_flags, default_out, required_keys, resolve_config,
                       unused_path)
 from .spec import MethodSpec
@@ -249,5 +250,7 @@ def open_run(spec: MethodSpec, args: argparse.Namespace, explicit, stop: "StopRe
         f"({dataset.num_classes} classes, {len(dataset.train)} train images); method "
         f"{config['method']}, preset {config.get('preset', config['method'])}; plugins "
         f"{','.join(config['plugins']) or 'none'}; device {device}"
+        + (f"; {describe(torch.get_num_threads(), given=bool(args.threads))}"
+           if device.type == "cpu" else "")
         + (f"; {world.world_size} processes, classes sharded" if world.distributed else ""))
     return opened

@@ -35,6 +35,7 @@ import torch
 
 from dm_plugins.atomic import atomic_write_bytes
 
+from . import cpu_threads
 from .dir_lock import LOCK_NAME, DirectoryInUse, DirectoryLock
 from .synset import atomic_torch_save, atomic_write_json, code_version
 
@@ -81,7 +82,7 @@ def environment() -> dict[str, Any]:
     return {"code_version": code_version(), "python": platform.python_version(),
             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": numpy.__version__, "pluggy": pluggy.__version__,
-            "platform": platform.platform(), "threads": torch.get_num_threads()}
+            "platform": platform.platform(), **cpu_threads.record(torch.get_num_threads())}
 
 
 class RunDir:

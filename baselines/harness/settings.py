@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .cpu_threads import positive_threads
 from .spec import EMBEDDED, MethodSpec
 
 __all__ = ["Setting", "SETTINGS", "BY_DEST", "config_key", "to_config", "from_config"]
@@ -208,6 +209,10 @@ SETTINGS: tuple[Setting, ...] = (
             "thread)", flag=True),
     Setting("checkpoint_every", "iterations between checkpoints", type=int, default=100),
     Setting("log_every", "iterations between metrics.jsonl records", type=int, default=10),
+    Setting("threads", "CPU threads for torch (default: torch's own choice, the physical cores or "
+            "OMP_NUM_THREADS); idle threads wait passively unless OMP_WAIT_POLICY is set "
+            "(config.json's environment records both)", type=positive_threads, metavar="N",
+            record=False, on_resume=FREE),
     Setting("no_progress", "no progress bars", flag=True, record=False, on_resume=FREE),
 )
 """The shared settings, in ``--help`` order; config.json records them in this order too."""
