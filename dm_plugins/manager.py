@@ -11,6 +11,8 @@ auxiliary losses merged and summed, at most one extractor provider.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Callable, Union
 
 import pluggy
@@ -30,6 +32,20 @@ from .registry import (ENTRY_POINT_GROUP, _call_with_accepted, _check_names,  # 
 class PastTheEnd(UserWarning):
     """A loop called the plugins at an iteration >= num_iterations (see
     :meth:`PluginSet.extractor`): warned once per run; the schedules are held at their end."""
+
+
+class HookNeverCalled(UserWarning):
+    """A plugin implements a per-iteration hook that the loop never called during a run (so the
+    plugin did nothing): warned once, at :meth:`PluginSet.teardown`, naming the call to add."""
+
+
+#: per-iteration hook -> the PluginSet call that reaches it (what the warning tells a loop to add)
+_CALLS = {"dm_provide_extractor": "net = plugins.extractor(t, fallback=your_net) per iteration",
+          "dm_select_real": "plugins.select_real(c, real_f, syn_f, t) per class (batched: "
+                            "plugins.real_class_means)",
+          "dm_feature_loss": "plugins.feature_loss(c, real_f, syn_f, t) per class (batched: "
+                             "plugins.batched_feature_losses)",
+          "dm_auxiliary_loss": "plugins.auxiliary_loss(syn_images, syn_labels, t)"}
 
 
 def make_plugin_manager() -> pluggy.PluginManager:
@@ -68,6 +84,8 @@ class PluginSet:
 
     def __init__(self, plugins: list[Any] | tuple[Any, ...] = ()):
         self._warned_past_end = False
+        self._called: set[str] = set()   # the hooks of _CALLS the loop reached this run
+        self._ran = False                # whether the loop made any per-iteration call
         self.pm = make_plugin_manager()
         self.context: DistillContext | None = None
         self.names: list[str] = []
@@ -104,7 +122,6 @@ class PluginSet:
                   for k in flat}
         for key, owned_by in owners.items():
             if owned_by:
-                import warnings
                 warnings.warn(f"PluginSet.from_names({key}=...) is deprecated: pass "
                               f"options={{{owned_by[0]!r}: {{{key!r}: ...}}}}",
                               DeprecationWarning, stacklevel=2)
@@ -210,9 +227,9 @@ class PluginSet:
             raise PluginError(
                 f"iteration {iteration!r} is outside 0..{T - 1} (num_iterations={T}); number "
                 f"iterations from 0 and set num_iterations to how many your loop runs")
+        self._ran = True
         if iteration >= T:
             if not self._warned_past_end:
-                import warnings
                 warnings.warn(f"iteration {iteration} is past num_iterations={T}; the plugins' "
                               f"schedules stay at their end (t = T) from here on. Set "
                               f"num_iterations to how many iterations your loop runs",
@@ -226,7 +243,7 @@ class PluginSet:
         if context is not None and fields:
             raise PluginError("pass PluginSet.setup either a DistillContext or its fields, not both")
         self.context = context if context is not None else DistillContext(**fields)
-        self._warned_past_end = False
+        self._warned_past_end, self._called, self._ran = False, set(), False
         _ = self.separate_step_lr  # two plugins asking for different step rates: refused here
         self.pm.hook.dm_setup(context=self.context)
         return self.context
@@ -236,6 +253,7 @@ class PluginSet:
         ``fallback`` (the loop's own network, or a callable building it, called only then).
         """
         t = self._check_iteration(iteration)
+        self._called.add("dm_provide_extractor")
         net = self.pm.hook.dm_provide_extractor(iteration=t, num_iterations=self.num_iterations)
         if net is not None:
             return net
@@ -252,6 +270,7 @@ class PluginSet:
         when no plugin filters. An empty AND keeps everything (see the hook spec)."""
         t = self._check_iteration(iteration)
         _check_features(real_features, syn_features)
+        self._called.add("dm_select_real")
         masks = self.pm.hook.dm_select_real(
             label=int(label), real_features=real_features, syn_features=syn_features,
             iteration=t, num_iterations=self.num_iterations)
@@ -325,6 +344,7 @@ class PluginSet:
         if (real_images is None) != (real_labels is None) or (
                 real_images is not None and real_images.shape[0] != real_labels.shape[0]):
             raise PluginError("pass real_images and real_labels together, one label per image")
+        self._called.add("dm_auxiliary_loss")
         return _merge(self.pm.hook.dm_auxiliary_loss(
             syn_images=syn_images, syn_labels=syn_labels, iteration=t,
             num_iterations=self.num_iterations, extractor=extractor,
@@ -335,6 +355,7 @@ class PluginSet:
         """The plugins' ``dm_feature_loss`` results for class ``label``, merged into one dict of
         named losses (empty when no plugin implements the hook)."""
         t = self._check_iteration(iteration)
+        self._called.add("dm_feature_loss")
         if not self.uses_feature_loss:
             return {}
         _check_features(real_features, syn_features)
@@ -378,8 +399,22 @@ class PluginSet:
         return sum(parts.values()) if parts else 0.0
 
     def teardown(self) -> None:
-        """Call ``dm_teardown`` (safe to call more than once, or without setup)."""
+        """Call ``dm_teardown`` (safe to call more than once, or without setup).
+
+        After a run whose loop made per-iteration calls, plugins whose per-iteration hook it
+        never reached (``cap`` with no :meth:`select_real`, ``plm`` with no
+        :meth:`auxiliary_loss`: they did nothing) get one :class:`HookNeverCalled` warning
+        naming the calls to add; none after a run with no such call (resumed at its end) or
+        while an exception propagates (a run stopped by an error)."""
         if self.context is not None:
+            if self._ran and sys.exc_info()[1] is None:
+                missing = [f"plugin {impl.plugin_name!r} implements {hook} but the loop never "
+                           f"called it: add {call}" for hook, call in _CALLS.items()
+                           if hook not in self._called
+                           for impl in getattr(self.pm.hook, hook).get_hookimpls()]
+                if missing:
+                    warnings.warn("; ".join(missing) + " (docs/graft.md, Checking a graft)",
+                                  HookNeverCalled, stacklevel=2)
             self.pm.hook.dm_teardown(context=self.context)
             self.context = None
 

@@ -7,11 +7,14 @@ images in two calls, a per-class loss, one SGD step. ``grafted_loop`` is the sam
 glue lines a user adds (marked ``# glue``). Without plugins the two are bit-identical; with each
 plugin the result equals the bare loop with that plugin's effect written out by hand.
 """
+import warnings
+
 import pytest
 import torch
 
 from dm_plugins import ExpertPool, PluginSet
 from dm_plugins.capacity import capacity_keep_mask
+from dm_plugins.manager import HookNeverCalled
 from dm_plugins.pseudo_label import pseudo_label_loss, sharpen
 from tests.conftest import TinyNet
 
@@ -191,3 +194,58 @@ def test_per_class_auxiliary_calls_add_up_to_one_batched_call(toy, pool):
     per_class = sum(plugins.auxiliary_loss(syn[labels == c], labels[labels == c], 2)
                     for c in range(C))
     torch.testing.assert_close(batched, per_class)
+
+
+def branching_loop(real, spec, experts, *, batched):
+    """The original code's two branches (per class for ConvNet, one forward for every class for
+    ConvNetBN) with only the README's per-class glue added: the batched branch reaches the shared
+    extractor line and nothing else."""
+    torch.manual_seed(0)
+    plugins = PluginSet.from_names(spec, experts=experts)
+    plugins.setup(num_classes=C, ipc=IPC, num_iterations=T, real=real)
+    syn = _syn_init(real).requires_grad_(True)
+    opt = torch.optim.SGD([syn], lr=0.5, momentum=0.5)
+    for it in range(T):
+        net = plugins.extractor(it, fallback=TinyNet)                                    # glue
+        net.train()
+        for p in net.parameters():
+            p.requires_grad = False
+        reals = [real.images_of(c)[torch.randperm(real.class_size(c))[:BATCH]] for c in range(C)]
+        if not batched:
+            loss = torch.tensor(0.0)
+            for c in range(C):
+                out_real = net.embed(reals[c]).detach()
+                out_syn = net.embed(syn[c * IPC:(c + 1) * IPC])
+                out_real = plugins.select_real(c, out_real, out_syn, it)                 # glue
+                loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+                loss = loss + plugins.auxiliary_loss(syn[c * IPC:(c + 1) * IPC],         # glue
+                                                     torch.full((IPC,), c), it)
+        else:
+            out_real = net.embed(torch.cat(reals)).detach()
+            out_syn = net.embed(syn)
+            loss = torch.sum((out_real.reshape(C, BATCH, -1).mean(1)
+                              - out_syn.reshape(C, IPC, -1).mean(1)) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plugins.teardown()                                                                   # glue
+    return syn.detach()
+
+
+def test_the_per_class_glue_in_the_batched_branch_warns_once_at_teardown(toy, pool):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        branching_loop(toy, "cap,ptm,plm", pool, batched=True)
+    never = [w for w in caught if issubclass(w.category, HookNeverCalled)]
+    assert len(never) == 1, [str(w.message) for w in caught]
+    message = str(never[0].message)
+    assert "'cap' implements dm_select_real" in message and "plugins.select_real(" in message
+    assert "'plm' implements dm_auxiliary_loss" in message and "plugins.auxiliary_loss(" in message
+    assert "'ptm'" not in message              # the shared extractor line reached ptm
+    assert never[0].filename == __file__       # pointed at the loop's teardown line
+
+
+def test_the_per_class_glue_in_the_per_class_branch_is_quiet(toy, pool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookNeverCalled)
+        branching_loop(toy, "cap,ptm,plm", pool, batched=False)

@@ -2,6 +2,7 @@
 batched loop (the original DM code's BatchNorm branch) with no plugins, and equal to that loop
 with each plugin's effect written out by hand."""
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from dm_plugins import ExpertPool, PluginSet
 from dm_plugins.capacity import capacity_keep_mask
+from dm_plugins.manager import HookNeverCalled
 from dm_plugins.pseudo_label import pseudo_label_loss
 from tests.conftest import TinyNet
 from tests.test_graft import augment, plm_targets_by_hand
@@ -125,3 +127,9 @@ def test_plm_over_every_class_at_once_is_exactly_eq9(toy, experts):
     g_syn, g_losses = grafted(toy, "plm", experts, plm={"max_real_per_class": 100})
     torch.testing.assert_close(g_losses, losses)
     torch.testing.assert_close(g_syn, syn)
+
+
+def test_the_batched_glue_reaches_every_plugin_and_stays_quiet(toy, experts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookNeverCalled)
+        grafted(toy, "cap,ptm,plm", experts, plm={"max_real_per_class": 100})
