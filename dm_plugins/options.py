@@ -22,8 +22,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import PluginError
 
-RESOURCES = ("experts", "compile")
-"""Keyword arguments every plugin factory that accepts them receives (not options)."""
+RESOURCES = ("experts", "compile", "expert_pools")
+"""Keyword arguments every plugin factory that accepts them receives (not options):
+``experts``, the run's :class:`~dm_plugins.ExpertPool`; ``compile``, whether to torch.compile;
+``expert_pools``, a callable ``expert_pools(arch) -> ExpertPool`` giving a pool of another
+architecture trained on the run's data (the harness trains it on first use; absent, None,
+where a loop offers none)."""
 
 Check = Callable[[Any], "str | None"]
 

@@ -76,3 +76,47 @@ def test_at_ipc_1_without_factorisation_covariance_matching_changes_nothing(tmp_
     assert dm_cli.main(args + ["--plugins", "iid-cm", "--out", str(tmp_path / "cm")]) == 0
     assert torch.equal(_images(tmp_path / "plain"), _images(tmp_path / "cm"))
     assert all(r["loss_iid_cm"] > 0 for r in _records(tmp_path / "cm"))  # a constant, no grad
+
+
+def test_iid_cc_network_resnet18_takes_g_from_a_resnet18_pool(tmp_path, monkeypatch):
+    from baselines.harness import expert_cache
+    from tests.conftest import random_stand_in_experts
+    asked = []
+
+    def spy(dataset, arch, **kwargs):
+        asked.append((arch, kwargs["directory"].name))
+        return random_stand_in_experts(dataset, arch, **kwargs)
+
+    monkeypatch.setattr(expert_cache, "load_or_train_experts", spy)
+    args = BASE + ["--ipc", "2", "--plugins", "iid-cc", "--iid-cc-weight", "10"]
+    assert dm_cli.main(args + ["--iid-cc-network", "resnet18", "--out",
+                               str(tmp_path / "r18")]) == 0
+    assert [a for a, _ in asked] == ["convnet", "resnet18"]  # the run's pool, then g's
+    assert "-resnet18-" in asked[1][1]  # a cache entry of its own
+    config = json.loads((tmp_path / "r18" / "config.json").read_text())
+    assert config["iid_cc_network"] == "resnet18"
+    asked.clear()
+    assert dm_cli.main(args + ["--out", str(tmp_path / "own")]) == 0
+    assert [a for a, _ in asked] == ["convnet"]
+    loss = {run: _records(tmp_path / run)[0]["loss_iid_cc"] for run in ("r18", "own")}
+    assert loss["r18"] > 0 and loss["own"] > 0 and loss["r18"] != loss["own"]
+
+
+def test_iid_cc_network_is_refused_before_any_work_unless_known(tmp_path, capsys):
+    code = None
+    try:
+        code = dm_cli.main(BASE + ["--ipc", "2", "--plugins", "iid-cc", "--iid-cc-network",
+                                   "vgg11", "--out", str(tmp_path / "r")])
+    except SystemExit as stop:  # argparse's refusal of a choice
+        code = stop.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "iid-cc-network" in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_iid_cc_resnet18_without_the_resource_is_a_plugin_error():
+    from dm_plugins import PluginError, PluginSet
+    plugins = PluginSet.from_names("iid-cc", options={"iid-cc": {"network": "resnet18"}})
+    with pytest.raises(PluginError, match="expert_pools"):
+        plugins.pm.hook.dm_setup(context=None)

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import expert_cache
 from .spec import HostRequest, call_build_host
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,17 +32,40 @@ def load_experts(run: "OpenRun") -> "ExpertPool | None":
     """The run's expert pool (loaded, or trained with missing experts dealt over the
     processes) when the method or a chosen plugin needs it, else None. A pool shared by runs of
     several seeds (``--expert-seed``) still picks experts by the run's own seed."""
-    from dm_plugins import ExpertPool, plugins_need_experts
+    from dm_plugins import plugins_need_experts
 
-    from . import expert_cache
     config = run.config
     if not (run.spec.needs_experts or plugins_need_experts(config["plugins"])):
         return None
+    return _pool(run, config["arch"], expert_cache.experts_directory(config))
+
+
+class ExpertPools:
+    """The ``expert_pools`` resource plugins may accept (:data:`dm_plugins.options.RESOURCES`):
+    ``pools(arch)`` is a pool of ``arch`` networks trained on the run's dataset with the run's
+    expert settings (``--num-experts``, ``--expert-epochs``, ``--expert-recipe``,
+    ``--expert-seed``), loaded from the default expert cache or trained there on first use,
+    then kept. ``iid-cc --iid-cc-network resnet18`` asks for one."""
+
+    def __init__(self, run: "OpenRun"):
+        self.run, self._pools = run, {}
+
+    def __call__(self, arch: str) -> "ExpertPool":
+        if arch not in self._pools:
+            config = dict(self.run.config, arch=arch, experts=None)
+            self._pools[arch] = _pool(self.run, arch, expert_cache.experts_directory(config))
+        return self._pools[arch]
+
+
+def _pool(run: "OpenRun", arch: str, directory) -> "ExpertPool":
+    """The run's pool of ``arch`` experts in ``directory`` (trained there when missing)."""
+    from dm_plugins import ExpertPool
+
+    config = run.config
     expert_seed = config.get("expert_seed", config["seed"])
     experts = expert_cache.load_or_train_experts(
-        run.dataset, config["arch"], num_experts=config["num_experts"],
-        epochs=config["expert_epochs"], seed=expert_seed,
-        directory=expert_cache.experts_directory(config),
+        run.dataset, arch, num_experts=config["num_experts"],
+        epochs=config["expert_epochs"], seed=expert_seed, directory=directory,
         recipe=config.get("expert_recipe", "ptlm"), device=run.device,
         progress=run.progress, channels_last=run.channels_last, log=run.log,
         rank=run.world.rank, world_size=run.world.world_size)[0]
@@ -66,7 +90,8 @@ def host_request(run: "OpenRun", experts) -> HostRequest:
                            dataset.image_size)
 
     plugins = PluginSet.from_names(config["plugins"], options=plugin_options(config),
-                                   experts=experts, compile=config["compile"])
+                                   experts=experts, compile=config["compile"],
+                                   expert_pools=ExpertPools(run))
     syn_init = initial_synthetic(dataset, config["ipc"], config["factor"], config["init"],
                                  config["seed"])
     shard = None

@@ -54,11 +54,15 @@ class ClassCentralization:
     * The paper writes L_CC with an exp() and a threshold beta. A comment in the public code
       says the plain squared distance to the class mean (beta = 0, no exp) gave the same
       result, and that code uses the plain form; so does this plugin.
-    * The public code's g is a pretrained ResNet-18 loaded from a file; here g is a network of
-      the run's expert pool (the same architecture as the matching network, trained on the
-      run's dataset), picked per iteration like ``ptm`` and ``plm`` pick theirs. It runs in
-      eval mode (the public code calls ``train()`` on an instance-norm ResNet-18, for which the
-      mode makes no difference; with batch-norm experts it would).
+    * The public code's g is a pretrained ResNet-18 loaded from a file. By default
+      (``network="experts"``) g is a network of the run's expert pool instead (the same
+      architecture as the matching network, trained on the run's dataset), picked per
+      iteration like ``ptm`` and ``plm`` pick theirs. ``network="resnet18"`` asks the host for
+      a pool of ResNet-18s trained on the run's data by the same expert training (the
+      ``expert_pools`` resource; the harness trains it on first use) and picks from it. g runs
+      in eval mode (the public code calls ``train()`` on an instance-norm ResNet-18, for which
+      the mode makes no difference; our ResNet-18 has batch norm, whose running statistics
+      eval mode uses). The run's own pool is loaded either way (``needs_experts``).
     * The sum over each class's images is the public code's, where the hook spec suggests a
       per-class mean: ``weight`` is tuned for the sum.
 
@@ -66,6 +70,10 @@ class ClassCentralization:
         experts: a :class:`dm_plugins.ExpertPool` whose network has an ``embed`` method
             (passed by :meth:`dm_plugins.PluginSet.from_names` as a resource).
         weight: lambda_CC, >= 0 (the public DM code: 0.05; the public IDM code: 0.01).
+        network: where g comes from: ``"experts"`` (the run's pool) or ``"resnet18"`` (a
+            ResNet-18 pool from ``expert_pools``, as the public code's g).
+        expert_pools: ``expert_pools(arch) -> ExpertPool`` (a resource of the host; needed
+            only for ``network="resnet18"``).
     """
 
     name = "iid-cc"
@@ -73,19 +81,32 @@ class ClassCentralization:
     options = (
         PluginOption("weight", float, 0.05, "lambda_CC, the weight of the class centralization "
                      "loss (public DM code 0.05; public IDM code 0.01)", check=non_negative),
+        PluginOption("network", str, "experts", "g, the network whose features are pulled to "
+                     "their class mean: 'experts' (the run's expert pool; our default) or "
+                     "'resnet18' (a pool of ResNet-18s trained on the run's data, as the "
+                     "public code's g)", choices=("experts", "resnet18")),
     )
 
-    def __init__(self, experts=None, weight: float = 0.05):
-        problem = self.options[0].problem(weight)
-        if problem:
-            raise PluginError(f"iid-cc's weight {problem}, got {weight!r}")
+    def __init__(self, experts=None, weight: float = 0.05, network: str = "experts",
+                 expert_pools=None):
+        for option, value in zip(self.options, (weight, network)):
+            problem = option.problem(value)
+            if problem:
+                raise PluginError(f"iid-cc's {option.name} {problem}, got {value!r}")
+        self.weight, self.network_source = float(weight), network
+        self.expert_pools = expert_pools
         self.experts = experts
-        self.weight = float(weight)
         self.context = None
         self._networks: dict[tuple[int, str], torch.nn.Module] = {}
 
     @hookimpl
     def dm_setup(self, context):
+        if self.network_source != "experts":
+            if self.expert_pools is None:
+                raise PluginError(f"iid-cc --iid-cc-network {self.network_source}: this loop "
+                                  f"offers no expert_pools resource; pass expert_pools= to "
+                                  f"PluginSet.from_names, or use network 'experts'")
+            self.experts = self.expert_pools(self.network_source)
         if self.experts is None:
             raise PluginError("plugin 'iid-cc' needs an expert pool (its g is a trained "
                               "expert): pass experts=ExpertPool(...) to PluginSet.from_names")
@@ -117,4 +138,5 @@ class ClassCentralization:
 
     def __repr__(self) -> str:
         pool = "none" if self.experts is None else len(self.experts)
-        return f"ClassCentralization(weight={self.weight}, experts={pool})"
+        return (f"ClassCentralization(weight={self.weight}, network={self.network_source!r}, "
+                f"experts={pool})")
