@@ -22,6 +22,8 @@ def interpolate_parameters_(params: list[torch.Tensor], theta_init: list[torch.T
 
     Uses fused multi-tensor ops: one copy and one lerp over all parameters, no allocation.
     """
+    if not params:
+        return
     with torch.no_grad():
         torch._foreach_copy_(params, theta_init)
         torch._foreach_lerp_(params, theta_star, ratio)
@@ -39,9 +41,12 @@ class PseudoTrajectoryMatching:
     iteration it writes ``r * theta_star + (1 - r) * theta_init`` of expert
     ``experts.pick(t)`` (the expert PLM uses) into that network's parameters, with
     ``r = (t / lambda) / T``, and returns it. It never touches a network of the loop or the
-    method. The matching loss (Eq. 6) is the loop's ordinary DM loss. Only parameters are
-    interpolated (instance/group norm has no running buffers); weights come from the pool's
-    in-memory cache, nothing is read from disk inside the loop.
+    method. The matching loss (Eq. 6) is the loop's ordinary DM loss. Buffers (batch norm's) are
+    set with the parameters: floating-point ones (running mean and variance) blended by the same
+    ``r``, the others (``num_batches_tracked``) the trained expert's; instance and group norm
+    have none. A train-mode forward still updates batch norm's running statistics within the
+    iteration, and the next iteration starts from the blend again. Weights come from the
+    pool's in-memory cache, nothing is read from disk inside the loop.
 
     Args:
         experts: an :class:`dm_plugins.ExpertPool`.
@@ -68,6 +73,7 @@ class PseudoTrajectoryMatching:
         self.network: nn.Module | None = None
         self.provided: nn.Module | None = None   # self.network in the loop's wrappers
         self._params: list[torch.Tensor] = []
+        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     @hookimpl
     def dm_setup(self, context):
@@ -78,6 +84,10 @@ class PseudoTrajectoryMatching:
                 raise PluginError(f"ptm: {exc}") from None
         self.network = self.experts.network(context.device, context.memory_format)
         self._params = list(self.network.parameters())
+        state = self.network.state_dict(keep_vars=True)   # persistent buffers, as the pool's
+        buffers = [b for n, b in self.network.named_buffers() if n in state]
+        self._buffers = ([b for b in buffers if b.is_floating_point()],
+                         [b for b in buffers if not b.is_floating_point()])
         # wrapped as the loop's own network is (DataParallel, torch.compile, DDP-like), so a
         # loop that calls net.module.embed works unchanged; the wrappers share the parameters
         template = context.extractor
@@ -87,20 +97,28 @@ class PseudoTrajectoryMatching:
         self.provided = wrap_like(template, self.network)
         for k in range(len(self.experts)):  # move every expert's weights once, up front
             self.experts.parameter_pair(k, context.device)
+            if any(self._buffers):
+                self.experts.buffer_triple(k, context.device)
 
     @hookimpl
     def dm_provide_extractor(self, iteration, num_iterations):
         if self.network is None:
             raise PluginError("ptm: dm_setup was not called (call PluginSet.setup first)")
-        theta_init, theta_star = self.experts.parameter_pair(self.experts.pick(iteration),
-                                                              self._params[0].device)
-        interpolate_parameters_(self._params, theta_init, theta_star,
-                                injection_ratio(iteration, num_iterations, self.lam))
+        k, device = self.experts.pick(iteration), self._params[0].device
+        ratio = injection_ratio(iteration, num_iterations, self.lam)
+        theta_init, theta_star = self.experts.parameter_pair(k, device)
+        interpolate_parameters_(self._params, theta_init, theta_star, ratio)
+        if any(self._buffers):   # batch norm: running statistics blended, counters trained
+            init, star, counters = self.experts.buffer_triple(k, device)
+            interpolate_parameters_(self._buffers[0], init, star, ratio)
+            with torch.no_grad():
+                for buffer, value in zip(self._buffers[1], counters):
+                    buffer.copy_(value)
         return self.provided
 
     @hookimpl
     def dm_teardown(self):
-        self.network, self.provided, self._params = None, None, []
+        self.network, self.provided, self._params, self._buffers = None, None, [], ([], [])
 
     def __repr__(self) -> str:
         return f"PseudoTrajectoryMatching(lam={self.lam}, experts={len(self.experts)})"

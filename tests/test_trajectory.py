@@ -1,8 +1,10 @@
 """Pseudo-trajectory matching, Eq. 5, checked on a tiny network."""
 import pytest
 import torch
+from torch import nn
 
-from dm_plugins import DistillContext, PluginError, PluginSet, PseudoTrajectoryMatching
+from dm_plugins import (DistillContext, DMHost, Expert, ExpertPool, PluginError, PluginSet,
+                        PseudoTrajectoryMatching, hookimpl)
 from dm_plugins.trajectory import injection_ratio, interpolate_parameters_
 
 
@@ -81,3 +83,76 @@ def test_setup_rejects_an_extractor_of_another_shape(pool, toy):
     with pytest.raises(PluginError, match="do not fit"):
         plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=10, extractor=wrong,
                                      real=toy))
+
+
+class BNNet(nn.Module):
+    """A ConvNetBN in miniature: conv - batch norm - relu - pool - linear, with ``embed``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.classifier = nn.Linear(16, 3)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+def _bn_pool():
+    """One expert whose trained state (parameters and batch-norm buffers) is set by hand."""
+    g = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        init = {n: v.clone() for n, v in BNNet().state_dict().items()}
+    star = {n: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 37)
+            for n, v in init.items()}
+    star["features.1.running_var"] = init["features.1.running_var"] + torch.rand(4, generator=g)
+    return ExpertPool([Expert(init, star)], BNNet), init, star
+
+
+def test_batch_norm_buffers_are_blended_like_the_parameters_and_counters_are_trained():
+    pool, init, star = _bn_pool()
+    plugins = PluginSet([PseudoTrajectoryMatching(pool)])
+    plugins.setup(DistillContext(num_classes=3, ipc=1, num_iterations=4))
+    r = 3 / 4                                                  # t = 3 of T = 4, lambda 1
+    by_hand = {n: (r * star[n] + (1 - r) * init[n] if init[n].is_floating_point() else star[n])
+               for n in init}
+    assert by_hand["features.1.num_batches_tracked"].item() == 37
+    net = plugins.extractor(3)
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, by_hand[name], rtol=1e-6, atol=1e-6)
+        assert value.dtype == by_hand[name].dtype
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    net.embed(x)                                 # a train-mode forward moves the statistics
+    assert not torch.allclose(net.features[1].running_mean, by_hand["features.1.running_mean"])
+    net = plugins.extractor(3)                   # the next iteration starts from the blend again
+    reference = BNNet()
+    reference.load_state_dict(by_hand)
+    torch.testing.assert_close(net.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-6)
+    plugins.teardown()
+
+
+def test_instance_norm_runs_are_unchanged_by_the_buffer_step(pool, toy, tiny_factory):
+    """TinyNet (group norm) has no buffers: a short DM run with ptm is bit-identical to one whose
+    extractor gets Eq. 5's parameters written by hand, and nothing else."""
+    hand_net = tiny_factory().train().requires_grad_(False)
+
+    class ParametersByHand:
+        @hookimpl
+        def dm_provide_extractor(self, iteration, num_iterations):
+            e = pool.experts[pool.pick(iteration)]
+            with torch.no_grad():
+                for n, p in hand_net.named_parameters():
+                    p.copy_(torch.lerp(e.init_state[n], e.trained_state[n],
+                                       iteration / num_iterations))
+            return hand_net
+
+    assert list(hand_net.buffers()) == []
+    syn = torch.cat([toy.images_of(c)[:2] for c in range(3)])
+    runs = [DMHost(toy, tiny_factory, syn, num_iterations=3, batch_real=5, seed=4,
+                   plugins=PluginSet([provider])).run(progress=False)
+            for provider in (PseudoTrajectoryMatching(pool), ParametersByHand())]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], syn)

@@ -94,7 +94,12 @@ class ExpertPool:
         template = build_network(network_factory)
         self._state_shapes = _shapes(template.state_dict())
         self._param_names = [n for n, _ in template.named_parameters()]
+        state = template.state_dict()   # persistent buffers only (running statistics, counters)
+        buffers = [n for n, _ in template.named_buffers() if n in state]
+        self._float_buffer_names = [n for n in buffers if state[n].is_floating_point()]
+        self._other_buffer_names = [n for n in buffers if not state[n].is_floating_point()]
         self._param_cache: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._buffer_cache: dict[tuple[int, str], tuple[list[torch.Tensor], ...]] = {}
         self._network_cache: dict[tuple[int, str, str], nn.Module] = {}
         self._check_states_fit()
 
@@ -119,7 +124,8 @@ class ExpertPool:
         """(theta_init, theta_star) of expert ``index`` as lists of parameter tensors.
 
         Ordered like ``named_parameters()`` of the pool's architecture (buffers such as
-        batch-norm statistics are not included). Cached per device: later calls cost nothing.
+        batch-norm statistics are :meth:`buffer_triple`'s). Cached per device: later calls cost
+        nothing.
         """
         key = (index, str(torch.device(device)))
         if key not in self._param_cache:
@@ -128,6 +134,22 @@ class ExpertPool:
             star = [expert.trained_state[n].to(device).contiguous() for n in self._param_names]
             self._param_cache[key] = (init, star)
         return self._param_cache[key]
+
+    def buffer_triple(self, index: int, device: str | torch.device = "cpu"
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Expert ``index``'s persistent buffers, ordered like ``named_buffers()`` of the pool's
+        architecture: (floating-point ones at init, the same trained, the others trained), e.g.
+        batch norm's running mean and variance, and its ``num_batches_tracked``. All three are
+        empty for a network without buffers (instance or group norm). Cached per device."""
+        key = (index, str(torch.device(device)))
+        if key not in self._buffer_cache:
+            expert = self.experts[index]
+            self._buffer_cache[key] = tuple(
+                [state[n].to(device).contiguous() for n in names] for state, names in (
+                    (expert.init_state, self._float_buffer_names),
+                    (expert.trained_state, self._float_buffer_names),
+                    (expert.trained_state, self._other_buffer_names)))
+        return self._buffer_cache[key]
 
     def trained_network(self, index: int, device: str | torch.device = "cpu",
                         memory_format: torch.memory_format = torch.contiguous_format
