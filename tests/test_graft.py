@@ -7,7 +7,9 @@ images in two calls, a per-class loss, one SGD step. ``grafted_loop`` is the sam
 glue lines a user adds (marked ``# glue``). Without plugins the two are bit-identical; with each
 plugin the result equals the bare loop with that plugin's effect written out by hand.
 """
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from dm_plugins.manager import HookNeverCalled
 from dm_plugins.pseudo_label import pseudo_label_loss, sharpen
 from tests.conftest import TinyNet
 
+ROOT = Path(__file__).resolve().parents[1]
 C, IPC, T, BATCH = 3, 2, 4, 5
 
 
@@ -249,3 +252,46 @@ def test_the_per_class_glue_in_the_per_class_branch_is_quiet(toy, pool):
     with warnings.catch_warnings():
         warnings.simplefilter("error", HookNeverCalled)
         branching_loop(toy, "cap,ptm,plm", pool, batched=False)
+
+
+class TinyBNNet(TinyNet):
+    """TinyNet with batch norm in place of group norm (the original code's ConvNetBN)."""
+
+    def __init__(self):
+        super().__init__()
+        for i in (1, 5):
+            self.features[i] = torch.nn.BatchNorm2d(4)
+
+
+def _graft_md_block(marker):
+    text = (ROOT / "docs" / "graft.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index(marker):], re.S).group(1)
+    return compile(code, f"docs/graft.md {marker}", "exec")
+
+
+@pytest.mark.parametrize("factory", [TinyNet, TinyBNNet], ids=["group-norm", "batch-norm"])
+def test_the_checks_of_graft_md_hold_in_a_grafted_loop(toy, pool, factory):
+    experts = pool if factory is TinyNet else ExpertPool.train(
+        factory, toy.images, toy.labels, num_experts=2, epochs=2, seed=0, batch_size=16, lr=0.05,
+        progress=False)
+    plugins = PluginSet.from_names("cap,ptm,plm", experts=experts)
+    plugins.setup(num_classes=C, ipc=IPC, num_iterations=T, real=toy)
+    syn = _syn_init(toy).requires_grad_(True)
+    after_extractor = _graft_md_block("<!-- check-ptm-example -->")
+    in_class_loop = _graft_md_block("<!-- check-cap-plm-example -->")
+    kept = {}
+    for t in range(T):
+        net = plugins.extractor(t, fallback=factory)
+        names = {"plugins": plugins, "pool": experts, "t": t, "T": T}
+        exec(after_extractor, names)
+        for c in range(C):
+            out_real = net.embed(toy.images_of(c)).detach()
+            out_syn = net.embed(syn[c * IPC:(c + 1) * IPC])
+            names.update(c=c, out_real=out_real, out_syn=out_syn,
+                         img_syn=syn[c * IPC:(c + 1) * IPC])
+            exec(in_class_loop, names)
+            kept[t, c] = int(names["keep"].sum())
+    plugins.teardown()
+    per_class = toy.class_size(0)
+    assert [kept[0, c] for c in range(C)] == [per_class - 1] * C   # t = 0: one row dropped
+    assert all(kept[T - 1, c] < per_class - 1 for c in range(C))
