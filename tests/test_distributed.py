@@ -174,7 +174,8 @@ def test_resume_needs_the_same_number_of_processes(capsys, tmp_path):
     config["world_size"] = 2
     (out / "config.json").write_text(json.dumps(config))
     _one_line_error(capsys, dm.main(["--resume", str(out), "--no-progress"]),
-                    "distilled by 2 process(es)", "torchrun --nproc-per-node 2")
+                    "distilled by 2 process(es)",
+                    f"python baselines/dm.py --nproc-per-node 2 --resume {out}, or torchrun")
 
 
 def test_more_processes_than_classes_or_a_batchnorm_network_is_refused(toy):

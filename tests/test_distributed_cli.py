@@ -240,5 +240,6 @@ def test_sigterm_to_the_launcher_stops_every_worker_once_with_143(tmp_path):
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 143, err
-    assert "interrupted (SIGTERM)" in err and f"--resume {tmp_path / 'run'}" in err
+    assert "interrupted (SIGTERM)" in err
+    assert f"python baselines/dm.py --nproc-per-node 2 --resume {tmp_path / 'run'}" in err
     assert "Traceback" not in err

@@ -19,7 +19,9 @@ import sys
 
 from .cpu_threads import apply_threads
 from .command_line import DefaultsOnceFormatter, build_parser, describe_default, parse_args
-from .opening import check_places, new_run_config, space_needed, use_channels_last
+from .launch import NPROC_ENV
+from .opening import (check_before_launch, check_places, new_run_config, space_needed,
+                      use_channels_last)
 from .phases import run, write_curves
 from .resolve import (OPTIONAL_ON_RESUME, config_differences, default_out, required_keys,
                       resolve_config, resolve_settings, unused_path)
@@ -31,7 +33,8 @@ __all__ = ["main", "MethodSpec", "HostRequest", "Host", "BuildHost", "Preset", "
            "describe_default", "parse_args", "resolve_settings", "resolve_config",
            "default_out", "unused_path", "use_channels_last", "new_run_config", "check_places",
            "space_needed", "required_keys", "config_differences", "OPTIONAL_ON_RESUME",
-           "DefaultsOnceFormatter", "run", "write_curves", "print_config", "launcher"]
+           "DefaultsOnceFormatter", "run", "write_curves", "print_config", "launcher",
+           "restart"]
 
 
 def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
@@ -60,6 +63,11 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
             import inspect
 
             from .launch import launch, strip_flag
+            try:  # what every worker would refuse alike: one line, not one per worker
+                check_before_launch(spec, args, explicit, nproc)
+            except USER_ERRORS as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             script = inspect.getfile(spec.build_host)  # the method's command-line file
             return launch(script, strip_flag(list(sys.argv[1:] if argv is None else argv)),
                           nproc)
@@ -85,12 +93,12 @@ def main(spec: MethodSpec, argv: list[str] | None = None) -> int:
         from .paths import is_disk_full
         if not is_disk_full(exc):
             raise
-        message = disk_full_message(exc, stop, spec.program, launcher(world))
+        message = disk_full_message(exc, stop, *restart(world, spec.program))
         print(f"error: {message}", file=sys.stderr)
         return DISK_FULL
     except KeyboardInterrupt:
         if world.is_main:
-            message = stop.message(spec.program, launcher(world))
+            message = stop.message(*restart(world, spec.program))
             print(message, file=sys.stderr)
             if stop.run_dir is not None:
                 stop.run_dir.log(message)
@@ -164,6 +172,16 @@ def _world(spec: MethodSpec):
                          f"processes (WORLD_SIZE={world.world_size}; its MethodSpec does not shard "
                          f"classes); launch it as one process")
     return world
+
+
+def restart(world, prog: str) -> tuple[str, str]:
+    """``(program with its flags, launcher)`` that start ``prog`` again with this run's number
+    of processes, for the messages that end in ``<launcher> <program> --resume RUN``: ``prog``
+    and ``python``; ``prog --nproc-per-node N`` and ``python`` for the workers that flag
+    started; ``prog`` and torchrun's command (:func:`launcher`) under torchrun."""
+    if world.distributed and os.environ.get(NPROC_ENV) == str(world.world_size):
+        return f"{prog} --nproc-per-node {world.world_size}", "python"
+    return prog, launcher(world)
 
 
 def launcher(world) -> str:

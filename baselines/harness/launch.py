@@ -6,8 +6,10 @@ Each worker is the same command line without ``--nproc-per-node``, with torchrun
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` 127.0.0.1 and a
 free ``MASTER_PORT``), in its own session: a terminal's Ctrl-C reaches only the launcher, which
 passes SIGINT or SIGTERM once to every worker (each finishes its iteration, checkpoints and
-exits 130 / 143) and waits for them. Rank 0 prints the run's messages, as under torchrun. For
-several machines, use torchrun (docs/distributed.md).
+exits 130 / 143) and waits for them. Rank 0 prints the run's messages, as under torchrun, and
+names this flag, not torchrun, in the command that continues a stopped run (each worker's
+``DM_PLUGINS_NPROC_PER_NODE`` says who started it). For several machines, use torchrun
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+NPROC_ENV = "DM_PLUGINS_NPROC_PER_NODE"
+"""Set to N in each worker that ``--nproc-per-node N`` started (torchrun's workers lack it)."""
 
 
 def strip_flag(argv: list[str], flag: str = "--nproc-per-node") -> list[str]:
@@ -64,7 +69,7 @@ def launch(script: str | Path, argv: list[str], nproc: int) -> int:
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), NPROC_ENV: str(nproc)}
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores, as torchrun's default does
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         workers.append(subprocess.Popen([sys.executable, str(script), *argv], env=env,

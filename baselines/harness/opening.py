@@ -13,17 +13,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from dm_plugins import distributed
+from dm_plugins.distributed import World
+
 from .cpu_threads import describe
 from .resolve import (check_resume_flags, default_out, required_keys, resolve_config,
                       unused_path)
+from .runs import RunDir, RunError
 from .spec import MethodSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dm_plugins.distributed import World
-
     from .datasets import Dataset
     from .guards import StopRequest
-    from .runs import RunDir
 
 
 @dataclass
@@ -157,19 +158,10 @@ def check_processes(world, dataset, arch: str) -> None:
                          f"what one does; use a ConvNet (instance norm) or one process")
 
 
-def _resumed(spec: MethodSpec, args, explicit, world, stop) -> tuple[Any, dict, Any, Any]:
-    """``(run_dir, config, dataset, device)`` of ``--resume``: the record checked against the
-    flags given, the command line and the number of processes; the lock taken."""
-    from dm_plugins import distributed
-
-    from .common import resolve_device
-    from .datasets import canonical_dataset_name, load_dataset
-    from .errors import USER_ERRORS
-    from .plugin_flags import check_plugin_flags
-    from .runs import RunDir, RunError
-    from .validation import check_config
-
-    run_dir = RunDir.open(args.resume, world.rank, world.world_size, clean=world.is_main)
+def checked_record(spec: MethodSpec, args, explicit, run_dir: RunDir, world_size: int) -> dict:
+    """The config ``--resume`` continues ``run_dir`` with: its record, checked against the
+    method, the flags given, the keys a run must record and the number of processes
+    (``world_size``); a RunError or UsageError naming what does not fit."""
     config = run_dir.read_config()
     if config.get("method", spec.name) != spec.name:
         raise RunError(f"{run_dir.path} holds a {config['method']!r} run, not a "
@@ -180,11 +172,47 @@ def _resumed(spec: MethodSpec, args, explicit, world, stop) -> tuple[Any, dict, 
         raise RunError(f"{run_dir.config_path} lacks {', '.join(missing)}; it was not "
                        f"written by this program or was edited; start a new run")
     recorded = int(config.get("world_size", 1))
-    if recorded != world.world_size:
-        again = "python" if recorded == 1 else f"torchrun --nproc-per-node {recorded}"
+    if recorded != world_size:
+        again = (f"python {spec.program} --resume {run_dir.path}" if recorded == 1 else
+                 f"python {spec.program} --nproc-per-node {recorded} --resume {run_dir.path}, "
+                 f"or torchrun with {recorded} processes in all")
         raise RunError(f"{run_dir.path} was distilled by {recorded} process(es), this is "
-                       f"{world.world_size}; resume it with {recorded} (e.g. {again} ... "
-                       f"--resume {run_dir.path})")
+                       f"{world_size}; resume it with {recorded} (e.g. {again})")
+    return config
+
+
+def check_before_launch(spec: MethodSpec, args, explicit, nproc: int) -> None:
+    """The refusals each of ``nproc`` processes would make alike, made once by
+    ``--nproc-per-node`` before it starts them, so that one line is printed and not one per
+    process: a new run's settings and places (:func:`new_run_config`), or a resumed run's
+    record (:func:`checked_record`), then the number of processes and the architecture
+    (:func:`check_processes`). Nothing is written; the workers check again."""
+    from .datasets import canonical_dataset_name, load_dataset
+    from .plugin_flags import check_plugin_flags
+    from .validation import check_config
+
+    if args.resume:
+        config = checked_record(spec, args, explicit, RunDir.open(args.resume, clean=False),
+                                nproc)
+        dataset = load_dataset(canonical_dataset_name(config["dataset"]), config["data_path"])
+        check_config(config, spec.checks, image_size=dataset.image_size)
+        check_plugin_flags(config)
+    else:
+        dataset, config = new_run_config(spec, args, explicit)
+    check_processes(World(0, nproc), dataset, config["arch"])
+
+
+def _resumed(spec: MethodSpec, args, explicit, world, stop) -> tuple[Any, dict, Any, Any]:
+    """``(run_dir, config, dataset, device)`` of ``--resume``: the record checked against the
+    flags given, the command line and the number of processes; the lock taken."""
+    from .common import resolve_device
+    from .datasets import canonical_dataset_name, load_dataset
+    from .errors import USER_ERRORS
+    from .plugin_flags import check_plugin_flags
+    from .validation import check_config
+
+    run_dir = RunDir.open(args.resume, world.rank, world.world_size, clean=world.is_main)
+    config = checked_record(spec, args, explicit, run_dir, world.world_size)
     device = distributed.init_process_group(world, resolve_device(config["device"]))
     distributed.main_first(world, run_dir.acquire if world.is_main else lambda: None,
                            USER_ERRORS)
@@ -193,25 +221,24 @@ def _resumed(spec: MethodSpec, args, explicit, world, stop) -> tuple[Any, dict, 
         canonical_dataset_name(config["dataset"]), config["data_path"]), USER_ERRORS)
     check_config(config, spec.checks, image_size=dataset.image_size)
     check_plugin_flags(config)
-    check_processes(world, dataset, config["arch"])
+    distributed.main_first(world, lambda: check_processes(world, dataset, config["arch"]),
+                           USER_ERRORS)  # alike on every rank: rank 0 says why
     return run_dir, config, dataset, device
 
 
 def _created(spec: MethodSpec, args, explicit, world) -> tuple[Any, dict, Any, Any]:
     """``(run_dir, config, dataset, device)`` of a new run: checked, then its directory made by
     rank 0 (which holds the lock); the other ranks get its path."""
-    from dm_plugins import distributed
-
     from .common import resolve_device
     from .errors import USER_ERRORS
-    from .runs import RunDir
 
     device = None
     if world.distributed:
         device = distributed.init_process_group(world, resolve_device(args.device))
     dataset, config = distributed.main_first(
         world, lambda: new_run_config(spec, args, explicit), USER_ERRORS)
-    check_processes(world, dataset, config["arch"])
+    distributed.main_first(world, lambda: check_processes(world, dataset, config["arch"]),
+                           USER_ERRORS)  # alike on every rank: rank 0 says why
     config["world_size"] = world.world_size
 
     def create() -> RunDir:
