@@ -36,6 +36,7 @@ def test_imagefolder_round_trip(run):
     record = json.loads((folder / "export.json").read_text())
     assert record["images"] == 80 and record["per_class"] == [8] * 10   # 2 x 2 x 2 per class
     assert record["mean"] == meta["mean"] and record["dataset"] == "digits"
+    assert meta["class_names"] == [str(c) for c in range(10)]      # runs record their names
     first = sorted((folder / "000_0").iterdir())[0]
     assert Image.open(first).size == (32, 32) and Image.open(first).mode == "L"
     images, read_labels = read_imagefolder(folder, channels=1)

@@ -85,7 +85,8 @@ def save_synthetic(run_dir, dataset: Dataset, stored: torch.Tensor, *, ipc: int,
     save_synset(path or run_dir.synset_path, pixels, labels, {
         "dataset": dataset.name, "mean": list(dataset.mean), "std": list(dataset.std),
         "ipc": ipc, "factor": factor, "method": method, "plugins": plugins, "config": config,
-        "seed": seed, "num_classes": dataset.num_classes, **(extra_meta or {})})
+        "seed": seed, "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names), **(extra_meta or {})})
     if path is not None and grid_path is None:
         return
     decoded, decoded_labels = decode(pixels, labels, factor) if factor > 1 else (pixels, labels)

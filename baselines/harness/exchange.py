@@ -3,10 +3,15 @@
 Written (``baselines/export.py``), always decoded (factorisation undone: what a network trains
 on) and labelled:
 
-* ``imagefolder``: ``OUT/<class index>_<class name>/<n>.png``, 8-bit pixels. What DD-Ranking and
-  torchvision's ``ImageFolder`` read; normalise with the mean/std in ``OUT/export.json``.
+* ``imagefolder``: ``OUT/<class index>_<class name>/<n>.png``, 8-bit pixels (the index zero-padded
+  to at least 3 digits, so sorted folder names are class order; the name from the set's meta,
+  else from an image-folder dataset's ``train/``, else the index again, as in older exports,
+  which read back the same). What DD-Ranking and torchvision's ``ImageFolder`` read; normalise
+  with the mean/std in ``OUT/export.json``.
 * ``tensor``: ``OUT/images.pt`` (N, C, H, W) float32 **normalised** with the dataset's mean/std
-  and ``OUT/labels.pt`` (N,) int64: DD-Ranking's tensor input.
+  and ``OUT/labels.pt`` (N,) int64. DD-Ranking takes such tensors as they are and normalises
+  its own test set with its own statistics (:data:`DDRANKING_DATASETS`): export with those
+  (``mean`` / ``std`` from :func:`ddranking_stats`; ``export.py --stats ddranking``).
 * ``dm``: ``OUT/res_DM_<DATASET>_ConvNet_<ipc>ipc.pt`` holding ``{"data": [[images, labels]],
   "accs_all_exps": {}}`` with normalised images, as the original DM code saves its results (its
   loaders and DANCE's ``test.py`` read ``data[-1]``).
@@ -26,9 +31,52 @@ from PIL import Image
 
 from dm_plugins.atomic import atomic_torch_save
 
+from .datasets import IMAGENET_MEAN, IMAGENET_STD
 from .synset import atomic_write_json
 
 FORMATS = ("imagefolder", "tensor", "dm")
+
+# DD-Ranking 0.2.0 (PyPI ``ddranking``) evaluates on its own datasets only; its ``get_dataset``
+# normalises their real images with these statistics (CIFAR-100 with CIFAR-10's) and uses a
+# synthetic tensor as it is given.
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+_IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
+#: our dataset name -> (DD-Ranking's name for it, its class count, mean, std)
+DDRANKING_DATASETS = {
+    "cifar10": ("CIFAR10", 10, *_CIFAR10_STATS), "cifar100": ("CIFAR100", 100, *_CIFAR10_STATS),
+    "tinyimagenet": ("TinyImageNet", 200, *_IMAGENET_STATS),
+    "imagenette": ("ImageNette", 10, *_IMAGENET_STATS),
+    "imagewoof": ("ImageWoof", 10, *_IMAGENET_STATS),
+    "imagemeow": ("ImageMeow", 10, *_IMAGENET_STATS),
+    "imagesquawk": ("ImageSquawk", 10, *_IMAGENET_STATS),
+    "imagefruit": ("ImageFruit", 10, *_IMAGENET_STATS),
+    "imageyellow": ("ImageYellow", 10, *_IMAGENET_STATS),
+}
+
+
+def ddranking_stats(dataset: str, name: str | None = None, *, channels: int,
+                    num_classes: int) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """(DD-Ranking's dataset name, mean, std) to normalise a set of ``dataset`` the way
+    DD-Ranking normalises that dataset's test images. ``name`` (a DD-Ranking dataset, e.g.
+    ``"CIFAR10"``) is for a run on a subset of it kept as an image folder (``make_subset.py``'s
+    ``cifar10-mini``); its labels must mean DD-Ranking's classes. A dataset DD-Ranking does not
+    have, or a set of another class count or channel count, is a one-line ``ValueError``."""
+    known = ", ".join(v[0] for v in DDRANKING_DATASETS.values())
+    if name is None:
+        if dataset not in DDRANKING_DATASETS:
+            raise ValueError(f"DD-Ranking has no dataset {dataset!r}: it evaluates on its own "
+                             f"({known}); for a subset of one of them kept as an image folder, "
+                             f"name it (--stats ddranking:CIFAR10)")
+        entry = DDRANKING_DATASETS[dataset]
+    else:
+        entry = {v[0].lower(): v for v in DDRANKING_DATASETS.values()}.get(name.lower())
+        if entry is None:
+            raise ValueError(f"DD-Ranking has no dataset {name!r}; it has {known}")
+    ddr, classes, mean, std = entry
+    if (channels, num_classes) != (3, classes):
+        raise ValueError(f"DD-Ranking's {ddr} has {classes} classes of 3-channel images, this "
+                         f"set {num_classes} classes of {channels}-channel images")
+    return ddr, tuple(mean), tuple(std)
 
 
 def _normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
@@ -56,11 +104,25 @@ def dataset_tag(dataset: str) -> str:
     return known.get(dataset, _slug(dataset.split(":", 1)[-1].rstrip("/").split("/")[-1]))
 
 
+def class_names_of(meta: dict, num_classes: int) -> list[str] | None:
+    """A set's class names: its meta's ``class_names`` (runs record them), else the sorted
+    class folders of an ``imagefolder:PATH`` dataset's ``PATH/train`` still on disk (the
+    loader's order), else None (the export then names a class by its index)."""
+    names = meta.get("class_names")
+    if not names and str(meta.get("dataset", "")).startswith("imagefolder:"):
+        train = Path(meta["dataset"][len("imagefolder:"):]) / "train"
+        if train.is_dir():
+            names = sorted(p.name for p in train.iterdir()
+                           if p.is_dir() and not p.name.startswith("."))
+    return [str(n) for n in names] if names and len(names) == num_classes else None
+
+
 def export(pixels: torch.Tensor, labels: torch.Tensor, out: Path, fmt: str, *, dataset: str,
            mean, std, class_names: list[str] | None = None, ipc: int | None = None,
-           source: str | None = None) -> dict:
+           source: str | None = None, extra: dict | None = None) -> dict:
     """Write decoded pixel-space images ``pixels`` (N, C, H, W in [0, 1]) with ``labels`` to
-    ``out`` in ``fmt`` (:data:`FORMATS`); returns what ``export.json`` records."""
+    ``out`` in ``fmt`` (:data:`FORMATS`), normalised (``tensor``, ``dm``) with ``mean`` /
+    ``std``; returns what ``export.json`` records (``extra`` added to it)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -70,10 +132,11 @@ def export(pixels: torch.Tensor, labels: torch.Tensor, out: Path, fmt: str, *, d
     names = class_names or [str(c) for c in range(num_classes)]
     record = {"format": fmt, "dataset": dataset, "mean": list(mean), "std": list(std),
               "images": int(pixels.shape[0]), "per_class": torch.bincount(
-                  labels, minlength=num_classes).tolist(), "source": source}
+                  labels, minlength=num_classes).tolist(), "source": source, **(extra or {})}
     if fmt == "imagefolder":
+        width = max(3, len(str(num_classes - 1)))
         for c in range(num_classes):
-            folder = out / f"{c:03d}_{_slug(names[c])}"
+            folder = out / f"{c:0{width}d}_{_slug(names[c])}"
             folder.mkdir(exist_ok=True)
             for n, image in enumerate(pixels[labels == c]):
                 array = (image * 255).round().byte().permute(1, 2, 0).numpy()
