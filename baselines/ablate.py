@@ -57,10 +57,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
-
-prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
-
 # the cells' names, paths and results, and the tables: importable from here as before
 from baselines.harness.common import UsageError  # noqa: E402
 from baselines.harness.ablation import (Cell, collect, markdown, read_results,  # noqa: E402,F401
