@@ -8,8 +8,14 @@ Loads the set (pixel space), normalises it with the set's own mean/std, decodes 
 (IDC multi-formation, ``meta["factor"] > 1``), evaluates each architecture with the protocol of
 docs/methods.md#evaluation-protocol (final-epoch accuracy, never a checkpoint picked by test
 accuracy), prints a table and writes ``evaluation.json`` next to the set (results of other
-architectures already in that file are kept; an architecture evaluated again is replaced).
-Errors print one line on stderr and exit with status 2.
+architectures already in that file are kept; an architecture evaluated again is replaced) and
+each evaluation as ``evaluations/evaluation-<n>.json`` beside it. A set from another tool (an
+ImageFolder directory, a ``res_*.pt``) is never written into: its files go to
+``<set>.evaluations/`` beside it (``sets/foo`` -> ``sets/foo.evaluations/``,
+``res_X.pt`` -> ``res_X.evaluations/``), or to ``--out``. Errors print one line on stderr and
+exit with status 2; an imported set that cannot be read (a truncated or foreign ``res_*.pt``,
+an image that is unreadable or of another size, more class folders than the dataset has
+classes) is refused naming the file.
 """
 from __future__ import annotations
 
@@ -26,10 +32,13 @@ except ImportError:  # run as a script from a checkout: make the repo root impor
 import json  # noqa: E402
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from baselines.harness.dsa import DSA  # noqa: E402
 from baselines.harness.evaluation import PROTOCOLS, evaluate_synset  # noqa: E402
+from baselines.harness.exchange import read_dm_result, read_imagefolder  # noqa: E402
 from baselines.harness.factorization import decode  # noqa: E402
+from baselines.harness.paths import first_existing  # noqa: E402
 from baselines.harness.synset import (SynSetError, atomic_write_json, code_version,  # noqa: E402
                                       load_synset)
 
@@ -42,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from baselines.harness.validation import OneLineParser
     p = OneLineParser(
         description="Evaluate a synthetic set (final-epoch test accuracy, mean ± population std "
-                    "over runs); writes evaluation.json next to the set.")
+                    "over runs); writes evaluation.json and evaluations/ next to our set, or "
+                    "into SET.evaluations/ beside a set from another tool.")
     p.add_argument("synset", help="the synthetic set: RUN/synthetic.pt (or RUN), or a set from "
                                   "another tool: an ImageFolder directory (class folders of "
                                   "images, e.g. from baselines/export.py --to imagefolder) or "
@@ -67,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dm: DM's (batch 256, DSA); dance: DANCE's (batch 64, IDC's colour+crop, "
                         "CutMix); dsa-cutmix: dm + CutMix p 0.5 (default: the run's "
                         "--eval-protocol, else dm)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where evaluation.json and evaluations/ go (default: the run directory "
+                        "of our synthetic.pt; for a set from another tool, SET.evaluations/ "
+                        "beside it: sets/foo -> sets/foo.evaluations/, res_X.pt -> "
+                        "res_X.evaluations/; never inside an ImageFolder it reads)")
     p.add_argument("--data-path", default=None,
                    help="dataset root directory (default: the run's, else the loader's)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
@@ -108,38 +123,110 @@ def _read_existing(path: Path) -> dict:
         old.get("results"), dict) else {}
 
 
-def load_any_set(path: Path, dataset: str | None, data_path: str | None):
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The class folders of an ImageFolder, in the order :func:`read_imagefolder` numbers them."""
+    return sorted(p for p in folder.iterdir() if p.is_dir())
+
+
+def _first_bad_image(folder: Path, ds) -> str | None:
+    """What is wrong with the first image of ``folder`` that cannot be read or is not of
+    ``ds``'s size (None when every one is fine): a one-line message naming the file."""
+    size = (ds.image_size, ds.image_size)
+    for sub in _class_folders(folder):
+        for path in sorted(p for p in sub.iterdir() if p.is_file()):
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    width, height = image.size
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; the file is named
+                return f"cannot read image {path} ({_one_line(exc)}); remove or replace it"
+            if (width, height) != size:
+                return (f"{path} is {width}x{height} px, but the images of {ds.name} are "
+                        f"{size[0]}x{size[1]}; every image of the set must be "
+                        f"{size[0]}x{size[1]} (resize it or remove it)")
+    return None
+
+
+def read_imported(path: Path, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-space images and labels of an imported set of dataset ``ds``: an ImageFolder
+    directory or a DM ``res_*.pt``. A CLIError naming the file or folder for one that cannot
+    be evaluated: more class folders than ``ds`` has classes, an unreadable image or one of
+    another size, a ``res_*.pt`` that does not unpickle (truncated, not a torch file) or does
+    not hold ``{"data": [[images, labels]]}`` of ``ds``'s classes."""
+    if path.is_dir():
+        classes = _class_folders(path)
+        if len(classes) > ds.num_classes:
+            extra = ", ".join(p.name for p in classes[ds.num_classes:][:3])
+            raise CLIError(f"{path} has {len(classes)} class folders but {ds.name} has "
+                           f"{ds.num_classes} classes; the folders past the "
+                           f"{ds.num_classes}th in sorted order ({extra}"
+                           f"{', ...' if len(classes) > ds.num_classes + 3 else ''}) have no "
+                           f"class: remove them")
+        try:
+            images, labels = read_imagefolder(path, ds.channels)
+        except Exception as exc:  # noqa: BLE001 - diagnosed file by file below
+            raise CLIError(_first_bad_image(path, ds) or f"{path}: {_one_line(exc)}") from None
+        return images, labels
+    try:
+        images, labels = read_dm_result(path, ds.mean, ds.std)
+    except ValueError as exc:  # read_dm_result's own message, naming the file
+        raise CLIError(" ".join(str(exc).split())) from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for a broken file
+        raise CLIError(f"{path} cannot be read as a DM result file (truncated, or of another "
+                       f"format?): {_one_line(exc)}") from None
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise CLIError(f"{path}: data[-1] holds images of shape {tuple(images.shape)} and labels "
+                       f"of shape {tuple(labels.shape)}; a DM result holds (N, C, H, W) and (N,)")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < ds.num_classes:
+        raise CLIError(f"{path}: labels range over [{int(labels.min())}, {int(labels.max())}] "
+                       f"but {ds.name} has classes 0..{ds.num_classes - 1}; give its --dataset")
+    return images, labels
+
+
+def evaluations_folder(path: Path) -> Path:
+    """Where the evaluations of a set from another tool go: ``<set>.evaluations/`` beside
+    it (``sets/foo`` -> ``sets/foo.evaluations``, ``res_X.pt`` -> ``res_X.evaluations``), so
+    that an ImageFolder is never written into (a second evaluation would read our files as
+    images) and two ``res_*.pt`` in one folder keep their results apart."""
+    path = path.resolve()
+    return path.parent / f"{path.name if path.is_dir() else path.stem}.evaluations"
+
+
+def load_any_set(path: Path, dataset: str | None, data_path: str | None,
+                 out: str | None = None):
     """``(SynSet, where evaluation.json goes)`` for our ``synthetic.pt`` (or a run directory
     holding one), an ImageFolder directory or an original DM ``res_*.pt``. An imported set is
     taken as decoded (factor 1) pixel-space images of ``dataset`` (or of the dataset its
-    ``export.json`` names), with that dataset's mean/std."""
+    ``export.json`` names), with that dataset's mean/std. ``evaluation.json`` goes to ``out``
+    when given, else beside our set, else to :func:`evaluations_folder`."""
     from baselines.harness.datasets import load_dataset
-    from baselines.harness.exchange import read_dm_result, read_imagefolder
     from baselines.harness.synset import SynSet
     if path.is_dir() and (path / "synthetic.pt").is_file():
         path = path / "synthetic.pt"
     imported = path.is_dir() or (path.is_file() and path.name.startswith("res_"))
+    if out is not None and path.is_dir() and Path(out).resolve().is_relative_to(path.resolve()):
+        raise CLIError(f"--out {out} is inside the set {path} it would read; choose a place "
+                       f"outside it")
     if not imported:
-        return load_synset(path), path.resolve().parent / "evaluation.json"
+        folder = Path(out) if out is not None else path.resolve().parent
+        return load_synset(path), folder / "evaluation.json"
     record = path / "export.json" if path.is_dir() else path.parent / "export.json"
     if dataset is None and record.is_file():
         dataset = json.loads(record.read_text()).get("dataset")
     if dataset is None:
         raise CLIError(f"{path} is a set from another tool; name its dataset with --dataset")
     ds = load_dataset(dataset, data_path)
-    try:
-        if path.is_dir():
-            images, labels = read_imagefolder(path, ds.channels)
-        else:
-            images, labels = read_dm_result(path, ds.mean, ds.std)
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from None
+    images, labels = read_imported(path, ds)
     meta = {"dataset": ds.name, "mean": list(ds.mean), "std": list(ds.std), "factor": 1,
             "method": "imported", "plugins": [], "ipc": None, "seed": None,
             "source": str(path.resolve())}
-    where = path / "evaluation.json" if path.is_dir() else path.resolve().parent / \
-        "evaluation.json"
-    return SynSet(images, labels, meta), where
+    folder = Path(out) if out is not None else evaluations_folder(path)
+    return SynSet(images, labels, meta), folder / "evaluation.json"
 
 
 FALLBACK = {"runs": 5, "epochs": None, "protocol": "dm", "arch": "convnet", "seed": 0,
@@ -213,15 +300,19 @@ def main(argv=None) -> int:
         where = Path(args.synset)
         if args.snapshot is not None:
             where = snapshot_path(where, args.snapshot)
-        synset, out_path = load_any_set(where, args.dataset, args.data_path)
+        synset, out_path = load_any_set(where, args.dataset, args.data_path, args.out)
         meta = synset.meta
         if synset.images.shape[0] == 0:
             raise CLIError(f"{args.synset} holds no images; there is nothing to evaluate")
         if out_path.exists() and not out_path.is_file():
             raise CLIError(f"{out_path} (where the results go) is a directory; move it away")
-        if not os.access(out_path.parent, os.W_OK | os.X_OK):
+        base = first_existing(out_path.parent)
+        if not base.is_dir():
+            raise CLIError(f"{out_path.parent} (where the results go) is under {base}, a file; "
+                           f"give --out a directory")
+        if not os.access(base, os.W_OK | os.X_OK):
             raise CLIError(f"{out_path.parent} is not writable (read-only file system or no "
-                           f"permission); copy the set somewhere writable")
+                           f"permission); give --out a place you can write to")
         ds = load_dataset(meta["dataset"], args.data_path)
         _, c, h, w = synset.images.shape
         if c != ds.channels or h != ds.image_size or w != ds.image_size:

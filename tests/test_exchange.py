@@ -79,7 +79,8 @@ def test_evaluate_takes_an_imported_set_like_our_own(run, capsys):
     assert evaluate.main([str(run / "synthetic.pt")] + args) == 0
     ours = json.loads((run / "evaluation.json").read_text())["results"]["convnet"]
     assert evaluate.main([str(run / "dm2" / "res_DM_digits_ConvNet_2ipc.pt")] + args) == 0
-    theirs = json.loads((run / "dm2" / "evaluation.json").read_text())["results"]["convnet"]
+    theirs = json.loads((run / "dm2" / "res_DM_digits_ConvNet_2ipc.evaluations" /
+                         "evaluation.json").read_text())["results"]["convnet"]
     assert theirs["accuracies"] == ours["accuracies"]       # the same images, the same seeds
     one_line_error(capsys, evaluate.main, [str(run / "export-imagefolder" / "000_0")] + args,
                    "--dataset")

@@ -6,9 +6,12 @@ truncated ``grid.png``; an expert directory that grows. Each refusal is one ``er
 exit 2, checked exactly."""
 import json
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from baselines import dm
+from baselines import dm, evaluate
 from tests.test_reliability import TINY, one_line_error
 
 
@@ -119,3 +122,125 @@ def test_the_resume_hint_names_the_flag_that_started_the_workers(tmp_path, monke
     stop.run_dir, stop.checkpoint = RunDir(tmp_path), 2
     assert stop.message(*restart(World(0, 2), "baselines/dm.py")).endswith(
         f"continue with: python baselines/dm.py --nproc-per-node 2 --resume {tmp_path}")
+
+
+# -- 3. evaluate.py on imported sets that cannot be evaluated: one line naming the file --------
+EVAL = ["--dataset", "digits", "--runs", "1", "--epochs", "1", "--no-progress", "--device",
+        "cpu"]
+
+
+def _image_folder(root, classes=10, size=32, odd=None):
+    """``root/<c>_<c>/00000.png`` for ``classes`` classes of gray ``size`` px noise images,
+    the one of class ``odd`` 16 px instead."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"{c:03d}_{c}"
+        folder.mkdir(parents=True)
+        side = 16 if c == odd else size
+        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(
+            folder / "00000.png")
+    return root
+
+
+def _dm_result(path, images=None, labels=None):
+    images = torch.rand(10, 1, 32, 32) if images is None else images
+    torch.save({"data": [[images, torch.arange(10) if labels is None else labels]],
+                "accs_all_exps": {}}, path)
+    return path
+
+
+def test_an_image_folder_of_mixed_sizes_names_the_odd_image(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "set", odd=3)
+    one_line_error(capsys, evaluate.main, [str(folder)] + EVAL,
+                   f"{folder / '003_3' / '00000.png'} is 16x16 px", "are 32x32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_more_class_folders_than_classes_names_the_extra_folders(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "set", classes=11)
+    one_line_error(capsys, evaluate.main, [str(folder)] + EVAL,
+                   f"{folder} has 11 class folders but digits has 10 classes", "(010_10)")
+
+
+def test_a_truncated_image_or_a_file_that_is_no_image_is_named(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "set")
+    png = folder / "004_4" / "00000.png"
+    png.write_bytes(png.read_bytes()[:60])
+    one_line_error(capsys, evaluate.main, [str(folder)] + EVAL, f"cannot read image {png}")
+    png.unlink()
+    (folder / "004_4" / "notes.txt").write_text("not an image")
+    one_line_error(capsys, evaluate.main, [str(folder)] + EVAL,
+                   f"cannot read image {folder / '004_4' / 'notes.txt'}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no data", "labels", "shape",
+                                    "3-d"])
+def test_a_broken_dm_result_file_is_one_line_naming_it(damage, tmp_path, capsys):
+    path = _dm_result(tmp_path / "res_DM_digits_ConvNet_1ipc.pt")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file\n" * 20)
+    elif damage == "no data":
+        torch.save({"accs_all_exps": {}}, path)
+    elif damage == "labels":
+        _dm_result(path, labels=torch.arange(10) + 1)
+    elif damage == "shape":
+        _dm_result(path, labels=torch.arange(5))
+    else:
+        _dm_result(path, images=torch.rand(10, 32, 32))
+    needle = {"labels": "labels range over [1, 10] but digits has classes 0..9",
+              "shape": "images of shape (10, 1, 32, 32) and labels of shape (5,)",
+              "no data": "is not a DM result file"}.get(damage,
+                                                        "cannot be read as a DM result file")
+    one_line_error(capsys, evaluate.main, [str(path)] + EVAL, str(path), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# -- 4. a foreign set's evaluations go beside it, never into it -------------------------------
+@pytest.fixture()
+def no_training(monkeypatch):
+    """``evaluate.py``'s training runs replaced by a fixed result: where the files go does not
+    depend on it, and the digits test set's forward passes would dominate the test's time."""
+    def evaluate_synset(images, labels, *args, **kwargs):
+        return {"accuracies": [float(images.mean())], "accuracy_mean": float(images.mean()),
+                "accuracy_std": 0.0, "runs": 1}
+    monkeypatch.setattr(evaluate, "evaluate_synset", evaluate_synset)
+
+
+def test_an_image_folder_is_evaluated_twice_and_never_written_into(tmp_path, capsys, no_training):
+    folder = _image_folder(tmp_path / "set")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    assert evaluate.main([str(folder)] + EVAL) == 0
+    assert evaluate.main([str(folder)] + EVAL) == 0          # it used to read our json as images
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    out = tmp_path / "set.evaluations"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "set.evaluations"]
+    assert sorted(p.name for p in (out / "evaluations").iterdir()) == [
+        "evaluation-1.json", "evaluation-2.json"]
+    index = json.loads((out / "evaluation.json").read_text())
+    assert index["synset"] == str(folder.resolve()) and "convnet" in index["results"]
+    assert f"wrote {out / 'evaluation.json'}" in capsys.readouterr().out
+
+
+def test_dm_result_files_of_one_folder_keep_their_evaluations_apart(tmp_path, capsys, no_training):
+    one = _dm_result(tmp_path / "res_one.pt")
+    two = _dm_result(tmp_path / "res_two.pt", images=torch.zeros(10, 1, 32, 32))
+    assert evaluate.main([str(one)] + EVAL) == 0 and evaluate.main([str(two)] + EVAL) == 0
+    for path in (one, two):
+        index = json.loads((tmp_path / f"{path.stem}.evaluations" / "evaluation.json")
+                           .read_text())
+        assert index["synset"] == str(path.resolve())
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_out_takes_the_evaluations_elsewhere_but_not_into_the_set(tmp_path, capsys, no_training):
+    folder = _image_folder(tmp_path / "set")
+    one_line_error(capsys, evaluate.main, [str(folder), "--out", str(folder / "ev")] + EVAL,
+                   "is inside the set")
+    (tmp_path / "F").write_text("x")
+    one_line_error(capsys, evaluate.main, [str(folder), "--out", str(tmp_path / "F" / "ev")]
+                   + EVAL, "a file")
+    assert evaluate.main([str(folder), "--out", str(tmp_path / "ev")] + EVAL) == 0
+    assert (tmp_path / "ev" / "evaluations" / "evaluation-1.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["F", "ev", "set"]
