@@ -13,7 +13,9 @@ as 8-bit values; PNG round-trips them exactly, JPEG (quality 95) approximately.
 
 The images are first written to ``OUT.partial`` and the folder is renamed to ``OUT`` only when
 everything is written, so an interrupted run never leaves a half-written ``OUT``. An existing,
-non-empty ``OUT`` is never overwritten.
+non-empty ``OUT`` is never overwritten. An ``OUT`` in a place that cannot be written (a
+read-only file system, no permission) is refused before the dataset is read, and a write that
+fails on the way is one line naming the file (nothing is kept).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from baselines.harness.paths import first_existing  # noqa: E402
 
 FORMATS = {"png": (".png", "PNG", {}), "jpg": (".jpg", "JPEG", {"quality": 95})}
 MANIFEST = "subset.json"
@@ -75,6 +79,12 @@ def check_output(out: str) -> None:
     if os.path.lexists(partial):
         raise SubsetError(f"{partial} exists (left by an interrupted run, or another run is "
                           f"writing it); delete it and run again")
+    base = first_existing(os.path.dirname(os.path.abspath(partial)))
+    if not base.is_dir():
+        raise SubsetError(f"--out {out} is under {base}, a file; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise SubsetError(f"--out {out}: {base} is not writable (read-only file system or no "
+                          f"permission); choose a folder you can write to")
 
 
 def check_counts(train_per_class: int, test_per_class: int) -> None:
@@ -242,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SubsetError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a write that failed on the way; write_subset removed the rest
+        print(f"error: --out {args.out}: cannot write {exc.filename or 'a file'} "
+              f"({exc.strerror or exc}); nothing was kept", file=sys.stderr)
         return 2
     names = info["class_names"]
     print(f"wrote {args.out}: {info['written']['train']} train + {info['written']['test']} test "

@@ -26,7 +26,10 @@ Takes distillation run directories (``config.json``, ``results.json``, ``metrics
   (``iterations``, ``ipc``, ``expert_epochs``, ...) or ``expert_accuracy`` (the mean test
   accuracy of the run's experts): e.g. where a plugin stops hurting as runs get longer.
 
-The files are rewritten on each call; ``--out`` may not be a run directory.
+The files are rewritten on each call; ``--out`` may not be a run directory. An ``--out`` that
+cannot be written (a read-only place, no permission) and a run's ``grid.png`` that cannot be
+read (truncated) are refused in one line naming the path, before anything is written; a write
+that fails on the way is one line naming the file.
 """
 from __future__ import annotations
 
@@ -37,8 +40,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from baselines.harness.common import UsageError  # noqa: E402
+from baselines.harness.paths import check_writable_dir  # noqa: E402
 
 COLUMNS = ("run", "method", "plugins", "preset", "ipc", "iterations", "accuracy (%)", "n",
            "experts' accuracy (%)")
@@ -253,6 +261,19 @@ def accuracy_vs(runs: list[RunSummary], key: str) -> dict[str, list[tuple[float,
     return series
 
 
+def check_grid(path: Path) -> None:
+    """A UsageError naming ``path`` when it is not an image that can be read (truncated, not a
+    PNG), before the report draws it into ``grids.png``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; the file is named
+        text = " ".join(str(exc).split())[:200]
+        raise UsageError(f"{path} cannot be read as an image ({type(exc).__name__}: {text}); "
+                         f"delete it (the report then shows that run without its grid) or "
+                         f"write it again") from None
+
+
 def labels(paths: list[str]) -> list[str]:
     """Short names for the runs: each path relative to the runs' common parent (a lone run:
     its directory name)."""
@@ -265,7 +286,6 @@ def labels(paths: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from baselines.harness.common import UsageError
     from baselines.harness.errors import USER_ERRORS
     try:
         out = Path(args.out)
@@ -273,13 +293,21 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {out} is a file; give a directory")
         if _is_run(out):
             raise UsageError(f"--out {out} is a run directory; choose another --out")
+        check_writable_dir("--out", out)
         for name in args.runs:
             if not _is_run(Path(name)):
                 raise UsageError(f"{name} is not a run directory (no config.json or "
                                  f"synthetic.pt)")
         runs = [summarize(name, label) for name, label in zip(args.runs, labels(args.runs))]
+        for run in runs:
+            if run.grid.is_file():
+                check_grid(run.grid)
         series = accuracy_vs(runs, args.vs) if args.vs else None  # refusals before writing
-        written = render(runs, out)
+        try:
+            written = render(runs, out)
+        except OSError as exc:  # a write that fails on the way (a full disk, permissions)
+            raise UsageError(f"--out {out}: cannot write {exc.filename or 'a file'} "
+                             f"({exc.strerror or exc})") from None
         if series is not None:
             from baselines.harness.plots import plot_accuracy_vs
             plot_accuracy_vs(series, args.vs, out / f"accuracy_vs_{args.vs}.png")

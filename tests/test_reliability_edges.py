@@ -4,15 +4,19 @@ matrix. ``--config`` values checked against their setting's type; refusals under
 a foreign set's evaluations; read-only ``--out`` for ``report.py`` and ``make_subset.py``; a
 truncated ``grid.png``; an expert directory that grows. Each refusal is one ``error:`` line and
 exit 2, checked exactly."""
+import errno
 import json
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from baselines import dm, evaluate
+from baselines import dm, evaluate, make_subset, report
 from tests.test_reliability import TINY, one_line_error
+from tests.test_reliability_places import _read_only
+from tests.test_report import _distillation_run
 
 
 # -- 1. --config values are checked against their setting's type ------------------------------
@@ -244,3 +248,69 @@ def test_out_takes_the_evaluations_elsewhere_but_not_into_the_set(tmp_path, caps
     assert evaluate.main([str(folder), "--out", str(tmp_path / "ev")] + EVAL) == 0
     assert (tmp_path / "ev" / "evaluations" / "evaluation-1.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["F", "ev", "set"]
+
+
+# -- 5. report.py and make_subset.py on a read-only --out; a truncated grid.png ---------------
+@pytest.fixture()
+def read_only(tmp_path, monkeypatch):
+    """A folder that cannot be written: a read-only tmpfs mount where this machine allows one,
+    else ``os.access`` answering as on one (the tests run as any user)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        _read_only(monkeypatch, folder)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_report_to_a_read_only_out_is_one_line_before_anything_is_written(tmp_path, capsys,
+                                                                          read_only):
+    _distillation_run(tmp_path / "run", plugins=[])
+    for out in (read_only, read_only / "rep"):
+        one_line_error(capsys, report.main, [str(tmp_path / "run"), "--out", str(out)],
+                       f"--out {out}: {read_only} is not writable")
+    assert list(read_only.iterdir()) == []
+
+
+def test_report_names_the_file_a_write_fails_on(tmp_path, capsys, monkeypatch):
+    from dm_plugins import atomic
+    _distillation_run(tmp_path / "run", plugins=[])
+
+    def refused(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(atomic, "atomic_write_bytes", refused)
+    one_line_error(capsys, report.main, [str(tmp_path / "run"), "--out", str(tmp_path / "rep")],
+                   f"cannot write {tmp_path / 'rep' / 'report.md'} (Read-only file system)")
+
+
+def test_report_refuses_a_truncated_grid_naming_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    _distillation_run(run, plugins=[])
+    data = (run / "grid.png").read_bytes()
+    (run / "grid.png").write_bytes(data[:len(data) // 2])
+    one_line_error(capsys, report.main, [str(run), "--out", str(tmp_path / "rep")],
+                   f"{run / 'grid.png'} cannot be read as an image", "delete it")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_make_subset_to_a_read_only_out_is_one_line_naming_it(tmp_path, capsys, read_only):
+    out = read_only / "sub"
+    one_line_error(capsys, make_subset.main, ["--train-per-class", "1", "--test-per-class", "1",
+                                              "--out", str(out)],
+                   f"--out {out}: {read_only} is not writable (read-only file system")
+    assert list(read_only.iterdir()) == []
+
+
+def test_make_subset_names_the_file_a_write_fails_on(tmp_path, capsys, monkeypatch):
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "sub"
+    err = one_line_error(capsys, make_subset.main, ["--train-per-class", "1",
+                                                    "--test-per-class", "1", "--out", str(out)],
+                         f"--out {out}: cannot write {tmp_path / 'sub.partial' / 'train'}",
+                         "(No space left on device); nothing was kept")
+    assert "[Errno" not in err and list(tmp_path.iterdir()) == []
