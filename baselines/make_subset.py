@@ -28,8 +28,6 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from baselines.harness.paths import first_existing  # noqa: E402
-
 FORMATS = {"png": (".png", "PNG", {}), "jpg": (".jpg", "JPEG", {"quality": 95})}
 MANIFEST = "subset.json"
 SPLITS = ("train", "test")
@@ -79,8 +77,10 @@ def check_output(out: str) -> None:
     if os.path.lexists(partial):
         raise SubsetError(f"{partial} exists (left by an interrupted run, or another run is "
                           f"writing it); delete it and run again")
-    base = first_existing(os.path.dirname(os.path.abspath(partial)))
-    if not base.is_dir():
+    base = os.path.dirname(os.path.abspath(partial))
+    while not os.path.lexists(base) and base != os.path.dirname(base):
+        base = os.path.dirname(base)   # the folder the subset's folders would be made in
+    if not os.path.isdir(base):
         raise SubsetError(f"--out {out} is under {base}, a file; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise SubsetError(f"--out {out}: {base} is not writable (read-only file system or no "
