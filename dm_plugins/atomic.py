@@ -30,8 +30,13 @@ class DiskFull(OSError):
 def _out_of_space(exc: BaseException, directory: str) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # torch.save reports a failed write of its zip container as a RuntimeError
-    if isinstance(exc, RuntimeError) and "writ" in str(exc).lower():
+    # torch.save reports a failed write of its zip container as a RuntimeError ("unexpected
+    # pos N vs M" in torch 2, "PytorchStreamWriter failed writing ..." before), with the file
+    # object's own OSError, when there is one, as its context (a quota leaves free space)
+    if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):
+        return _out_of_space(exc.__context__, directory)
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("writ" in text or "unexpected pos" in text):
         try:
             return shutil.disk_usage(directory).free < 1 << 20
         except OSError:
