@@ -14,6 +14,9 @@ import torch
 from PIL import Image
 
 from baselines import dm, evaluate, make_subset, report
+from baselines.harness.datasets import load_dataset
+from baselines.harness.expert_cache import load_or_train_experts
+from dm_plugins.experts import training as expert_training
 from tests.test_reliability import TINY, one_line_error
 from tests.test_reliability_places import _read_only
 from tests.test_report import _distillation_run
@@ -91,8 +94,9 @@ def test_a_refusal_under_nproc_per_node_is_one_line_before_any_worker(flags, nee
 def test_a_resume_with_another_number_of_processes_is_one_line_naming_the_flag(tmp_path, capsys,
                                                                                 no_workers):
     run = tmp_path / "run"
-    assert dm.main(TINY + ["--out", str(run)]) == 0
-    capsys.readouterr()
+    assert dm.main(TINY + ["--print-config"]) == 0      # a run's record, without the run
+    run.mkdir()
+    (run / "config.json").write_text(capsys.readouterr().out)
     one_line_error(capsys, dm.main, ["--resume", str(run), "--nproc-per-node", "2"],
                    "distilled by 1 process(es), this is 2",
                    f"e.g. python baselines/dm.py --resume {run})")
@@ -314,3 +318,32 @@ def test_make_subset_names_the_file_a_write_fails_on(tmp_path, capsys, monkeypat
                          f"--out {out}: cannot write {tmp_path / 'sub.partial' / 'train'}",
                          "(No space left on device); nothing was kept")
     assert "[Errno" not in err and list(tmp_path.iterdir()) == []
+
+
+# -- 6. a larger --num-experts on an expert directory trains the missing experts into it ------
+def test_a_larger_num_experts_grows_the_directory_and_keeps_its_experts(tmp_path, monkeypatch):
+    """Documented (docs/reliability.md): ``--plugins ptm --num-experts 3 --experts DIR`` on a
+    DIR of one expert trains experts 1 and 2 into it (what every command line calls,
+    ``load_or_train_experts``): expert 0 is loaded, not trained again, and the manifest grows;
+    a smaller count then uses the first experts and leaves DIR as it is."""
+    monkeypatch.setattr(expert_training, "train_classifier", lambda net, *a, **k: 50.0)
+    monkeypatch.setattr(expert_training, "accuracy", lambda *a, **k: 10.0)   # no real training
+    digits, experts = load_dataset("digits"), tmp_path / "experts"
+
+    def pool(n):
+        lines = []
+        pool, _ = load_or_train_experts(digits, "convnet", num_experts=n, epochs=1, seed=0,
+                                        directory=experts, progress=False, log=lines.append)
+        assert len(pool) == n
+        files = {p.name: p.read_bytes() for p in experts.iterdir() if p.name != "manifest.json"}
+        return files, json.loads((experts / "manifest.json").read_text()), lines
+    first, manifest, _ = pool(1)
+    assert manifest["num_experts"] == 1 and len(first) == 1
+    grown, manifest, lines = pool(3)
+    assert manifest["num_experts"] == 3 and len(grown) == 3
+    assert all(grown[name] == data for name, data in first.items())       # nothing lost
+    assert any("experts: training 2 of 3" in line for line in lines)
+    assert not any("expert 0 trained" in line for line in lines)          # loaded, not trained
+    again, manifest, lines = pool(2)
+    assert manifest["num_experts"] == 3 and again == grown
+    assert not any("training" in line for line in lines)
