@@ -16,6 +16,7 @@ to every factory that accepts them (:data:`RESOURCES`).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -90,11 +91,31 @@ def in_unit_interval(v: float) -> str | None:
 
 
 def declared_options(factory: Any) -> tuple[PluginOption, ...]:
-    """The options a plugin factory declares (``factory.options``; none when it has none)."""
+    """The options a plugin factory declares (``factory.options``; none when it has none).
+    Each must be a keyword argument of the factory (a PluginError naming the first that is
+    not: the drivers pass every option, its default included)."""
     options = getattr(factory, "options", ())
     if not all(isinstance(o, PluginOption) for o in options):
         raise PluginError(f"{factory!r}.options must be a tuple of dm_plugins.PluginOption")
+    for option in options:
+        if not _accepts(factory, option.name):
+            label = getattr(factory, "__qualname__", None) or repr(factory)
+            raise PluginError(f"plugin {getattr(factory, 'name', label)!r} declares the option "
+                              f"{option.name!r}, which {label}() does not take as a keyword "
+                              f"argument; add it to the signature or drop the option")
     return tuple(options)
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    """Whether ``factory(name=...)`` is accepted by its signature (True when unknown)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    inspect.Parameter.KEYWORD_ONLY)
 
 
 def check_options(plugin: str, factory: Any, values: Mapping[str, Any]) -> dict[str, Any]:
