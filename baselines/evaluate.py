@@ -29,6 +29,10 @@ try:
 except ImportError:  # run as a script from a checkout: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
+
 import json  # noqa: E402
 
 import torch  # noqa: E402

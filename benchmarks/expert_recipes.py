@@ -26,7 +26,11 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
+from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before torch loads OpenMP, as every command line does
+
+import torch  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
