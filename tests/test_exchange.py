@@ -107,3 +107,21 @@ def test_evaluate_follows_the_run_and_report_shows_each_re_evaluation(tmp_path, 
                         "--out", str(tmp_path / "rep")]) == 0
     table = (tmp_path / "rep" / "report.md").read_text()
     assert f"{own['accuracy_mean']:.2f}" in table and f"{second['accuracy_mean']:.2f}" in table
+
+
+class _Payload:
+    """Stands for any object a pickle could build (and run code while building)."""
+
+
+def test_a_dm_result_file_holding_other_objects_is_refused_not_unpickled(tmp_path):
+    import pickle
+    path = tmp_path / "res_evil.pt"
+    torch.save({"data": [[torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])]],
+                "extra": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only=True; weights_only=False loads it
+        read_dm_result(path, (0.5,) * 3, (0.5,) * 3)
+    ok = tmp_path / "res_ok.pt"
+    torch.save({"data": [[torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])]],
+                "accs_all_exps": {"ConvNet": [0.5]}}, ok)
+    images, labels = read_dm_result(ok, (0.5,) * 3, (0.5,) * 3)
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]

@@ -177,8 +177,11 @@ def read_imagefolder(folder: Path, channels: int) -> tuple[torch.Tensor, torch.T
 
 def read_dm_result(path: Path, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-space images and labels of the last experiment in an original DM ``res_*.pt``
-    (``{"data": [[images, labels], ...]}``, images normalised with ``mean`` / ``std``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    (``{"data": [[images, labels], ...]}``, images normalised with ``mean`` / ``std``).
+
+    Read with ``weights_only=True``: the original code saves only tensors, lists, dicts and
+    numbers, and a file holding anything else (which unpickling would run) is refused."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     try:
         images, labels = saved["data"][-1][0], saved["data"][-1][1]
     except (KeyError, IndexError, TypeError):
