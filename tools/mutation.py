@@ -4,7 +4,8 @@
 Not part of CI (too slow). Typical use, from the repository root:
 
     python tools/mutation.py                   # every module, one after another (resumable)
-    python tools/mutation.py seeding capacity  # some modules (short names or paths)
+    python tools/mutation.py seeding capacity  # some modules (short names or paths;
+                                               # methods/dance, adapters/dance where stems clash)
     python tools/mutation.py --retest loop     # also re-run survivors/timeouts (after new tests)
     python tools/mutation.py --report          # the per-module table from stored results only
     python tools/mutation.py --survivors dsa   # each surviving mutant: line and diff
@@ -40,15 +41,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODULES = [
-    "dm_plugins/seeding.py", "dm_plugins/atomic.py", "dm_plugins/capacity.py",
-    "dm_plugins/trajectory.py", "dm_plugins/pseudo_label.py", "dm_plugins/manager.py",
-    "dm_plugins/registry.py", "dm_plugins/loop.py", "dm_plugins/synthetic.py",
-    "dm_plugins/experts/recipe.py", "dm_plugins/experts/pool.py",
-    "dm_plugins/experts/storage.py", "dm_plugins/experts/training.py",
-    "baselines/harness/factorization.py", "dm_plugins/augment.py",
-    "baselines/harness/evaluation.py",
-]
+def _setting(section: str, key: str) -> list[str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg.get(section, key, fallback="").split()
+
+
+MODULES = _setting("mutmut", "only_mutate")
+"""The modules mutated, in the order a full run takes them: setup.cfg's ``[mutmut] only_mutate``
+(one list for mutmut and this script; ``[mutation] not_mutated`` holds the others)."""
 RUN_LOG = ROOT / "mutants" / "mutation-runs.json"
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                  "TORCHINDUCTOR_COMPILE_THREADS": "1"}
@@ -56,13 +57,24 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_T
 KILLED, SURVIVED, TIMEOUT, NO_TESTS, NOT_CHECKED = "killed", "survived", "timeout", "no tests", "not checked"
 
 
+def short_name(path: str) -> str:
+    """A module's name on the command line: its stem (``capacity``), or ``folder/stem`` where two
+    modules share the stem (``methods/dance``, ``adapters/dance``)."""
+    stem = Path(path).stem
+    if sum(Path(m).stem == stem for m in MODULES) == 1:
+        return stem
+    return f"{Path(path).parent.name}/{stem}"
+
+
 def resolve_module(name: str) -> str:
-    """`capacity`, `dm_plugins.capacity`, `dm_plugins/augment.py`, ... -> the path in MODULES."""
+    """`capacity`, `dm_plugins.capacity`, `dm_plugins/augment.py`, `methods/dance`, ... -> the
+    path in MODULES."""
     key = name.replace(".py", "").replace(".", "/").strip("/")
     hits = [m for m in MODULES if m[:-3] == key or m[:-3].endswith("/" + key)]
     if len(hits) != 1:
-        raise SystemExit(f"unknown module {name!r}; one of: "
-                         + ", ".join(Path(m).stem for m in MODULES))
+        what = "ambiguous" if hits else "unknown"
+        raise SystemExit(f"{what} module {name!r}; one of: "
+                         + ", ".join(short_name(m) for m in (hits or MODULES)))
     return hits[0]
 
 
@@ -199,9 +211,7 @@ def credit_shared_fixtures() -> None:
 # -- running one module (in a child process) --------------------------------------------------------
 def excluded_tests() -> list[str]:
     """setup.cfg [mutation] exclude_tests: test files (or node-id prefixes) never run on mutants."""
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    return cfg.get("mutation", "exclude_tests", fallback="").split()
+    return _setting("mutation", "exclude_tests")
 
 
 def _drop_excluded_tests(module: str, excluded: list[str]) -> None:
@@ -362,7 +372,7 @@ def survivors(paths: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="modules: " + ", ".join(Path(m).stem for m in MODULES))
+                                epilog="modules: " + ", ".join(short_name(m) for m in MODULES))
     p.add_argument("modules", nargs="*", help="modules to run (default: all)")
     p.add_argument("--retest", action="store_true",
                    help="also re-run survived / timeout / no-tests mutants (after tests changed)")
