@@ -49,11 +49,12 @@ class DirectoryLock:
 
     def _owner(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}  # unreadable (edited, or a disk error): treated as stale
+        return owner if isinstance(owner, dict) else {}  # edited into another JSON value
 
     def _is_stale(self, owner: dict) -> bool:
         if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
