@@ -76,13 +76,16 @@ if __package__ in (None, ""):
 
 from baselines.harness.cpu_threads import (apply_threads, describe, positive_threads,  # noqa: E402
                                            prefer_passive_wait)
+from benchmarks.contention import BusyWorkers, compare, contend_from_argv  # noqa: E402
 
+# --contend's workers start first: the wait-policy choice below must see them, as it would see
+# other users' jobs already running
+_WORKERS = BusyWorkers(contend_from_argv(sys.argv[1:]) if __name__ == "__main__" else 0).start()
 prefer_passive_wait()  # before torch loads OpenMP, as every command line does
 
 import torch  # noqa: E402
 
 from baselines.harness.launch import strip_flag  # noqa: E402
-from benchmarks.contention import busy_workers, compare  # noqa: E402
 
 VARIANTS = ("naive", "host-nchw", "host-unchunked", "host-eager", "host", "cap", "ptm", "plm", "all",
             "iid-cm", "iid-cc", "dm-preset", "ptlm-preset", "idm", "idm+all", "idm+iid-cm",
@@ -166,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_threads, default=None, metavar="N",
                    help="torch threads (default: torch's own choice)")
     p.add_argument("--contend", type=int, default=0, metavar="K",
-                   help="run K single-threaded busy workers beside the measurement (started "
-                        "and stopped by the benchmark), as another user's jobs would")
+                   help="run K single-threaded busy workers beside the measurement, started "
+                        "before torch loads (so the wait-policy choice sees them, as it would "
+                        "see other users' jobs) and stopped at the end")
     p.add_argument("--compare-contention", type=int, default=None, metavar="K",
-                   help="instead: rerun this command quiet and beside K busy workers, with "
-                        "passive (default) and active OpenMP wait and with one thread, one "
-                        "child process each, and print one table (benchmarks/contention.py)")
+                   help="instead: rerun this command quiet and beside K busy workers, with the "
+                        "command lines' own wait-policy choice, OpenMP's default wait and one "
+                        "thread, one child process each, and print one table "
+                        "(benchmarks/contention.py)")
     return p
 
 
@@ -390,13 +395,18 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.compare_contention is not None:
+        _WORKERS.stop()
         return compare(os.path.abspath(__file__), strip_flag(argv, "--compare-contention"),
                        args.compare_contention)
-    with busy_workers(args.contend) as pids:
-        if pids:
-            print(f"contention: {len(pids)} busy single-threaded worker(s), pids "
-                  f"{', '.join(map(str, pids))}", flush=True)
+    workers = _WORKERS if _WORKERS.count == args.contend else BusyWorkers(args.contend).start()
+    try:
+        if workers.pids:
+            print(f"contention: {len(workers.pids)} busy single-threaded worker(s), pids "
+                  f"{', '.join(map(str, workers.pids))}", flush=True)
         return measure(args)
+    finally:
+        workers.stop()
+        _WORKERS.stop()
 
 
 def measure(args) -> int:
