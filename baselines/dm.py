@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
 
-prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
+prefer_passive_wait()  # before torch loads OpenMP: passive wait when other jobs hold the cores
 
 from baselines.harness import driver  # noqa: E402
 from dm_plugins.loop import OFFERS  # noqa: E402

@@ -31,7 +31,7 @@ except ImportError:  # run as a script from a checkout: make the repo root impor
 
 from baselines.harness.cpu_threads import prefer_passive_wait  # noqa: E402
 
-prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning
+prefer_passive_wait()  # before torch loads OpenMP: passive wait when other jobs hold the cores
 
 import json  # noqa: E402
 

@@ -31,8 +31,8 @@ import sys
 import time
 from typing import MutableMapping
 
-__all__ = ["WAIT_POLICY", "prefer_passive_wait", "other_running_tasks", "wait_policy", "apply_threads", "describe",
-           "record", "positive_threads"]
+__all__ = ["WAIT_POLICY", "prefer_passive_wait", "other_running_tasks", "wait_policy",
+           "apply_threads", "describe", "record", "positive_threads"]
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
