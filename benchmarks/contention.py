@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["BusyWorkers", "busy_workers", "contend_from_argv", "Condition", "CONDITIONS",
+__all__ = ["BusyWorkers", "contend_from_argv", "Condition", "CONDITIONS",
            "compare"]
 
 _SPIN = "while True:\n    pass\n"
@@ -54,11 +54,6 @@ class BusyWorkers:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def busy_workers(count: int) -> BusyWorkers:
-    """``with busy_workers(K) as pids:``: K busy single-threaded processes for the block."""
-    return BusyWorkers(count)
 
 
 def contend_from_argv(argv: Sequence[str]) -> int:
@@ -132,7 +127,7 @@ def compare(script: str, argv: Sequence[str], contend: int) -> int:
             print(f"== {cond.name}: OMP_WAIT_POLICY={cond.wait_policy or 'OpenMP default'}, "
                   f"{contend if cond.contend else 0} busy worker(s), threads "
                   f"{cond.threads or 'default'}", flush=True)
-            with busy_workers(contend if cond.contend else 0):  # before the child starts
+            with BusyWorkers(contend if cond.contend else 0):  # before the child starts
                 code = subprocess.call(cmd, env=env)
             if code:
                 return code

@@ -110,7 +110,7 @@ def _run(tmp_path, extra, env):
 
 @pytest.mark.skipif(not Path("/proc/loadavg").is_file(), reason="reads /proc/loadavg")
 def test_a_run_beside_a_busy_core_waits_passively_and_says_so(tmp_path):
-    with contention.busy_workers(1):  # started first, as another user's job would be
+    with contention.BusyWorkers(1):  # started first, as another user's job would be
         first, config = _run(tmp_path, [], {"OMP_NUM_THREADS": "2"})
     assert "threads 2 (OMP_NUM_THREADS), OpenMP wait passive (ours: " in first
     env = config["environment"]
@@ -150,11 +150,11 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_busy_workers_run_inside_the_block_and_are_stopped_after_it_even_on_error():
     with pytest.raises(RuntimeError):
-        with contention.busy_workers(2) as pids:
+        with contention.BusyWorkers(2) as pids:
             assert len(pids) == 2 and all(_alive(p) for p in pids)
             raise RuntimeError("measurement failed")
     assert not any(_alive(p) for p in pids)
-    with contention.busy_workers(0) as none:
+    with contention.BusyWorkers(0) as none:
         assert none == []
 
 
@@ -193,7 +193,7 @@ def test_compare_runs_each_condition_with_its_environment_workers_and_flags(monk
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # this process's own is not passed on
     monkeypatch.setattr(contention.subprocess, "call", fake_call)
-    monkeypatch.setattr(contention, "busy_workers", FakeWorkers)
+    monkeypatch.setattr(contention, "BusyWorkers", FakeWorkers)
     assert contention.compare("bench.py", ["--ipc", "1"], 3) == 0
     assert [("--threads" in c, policy, workers) for c, policy, workers in calls] == [
         (False, None, 0), (False, None, 0), (False, None, 3), (False, None, 3),
